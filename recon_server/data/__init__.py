@@ -1,0 +1,1 @@
+"""Data: masks, brain simulator, fastMRI and ISMRMRD file I/O, training slices."""

@@ -1,0 +1,1 @@
+"""DICOM: MR image writer, durable spool, C-STORE sender."""

@@ -1,0 +1,1 @@
+"""Diffusion prior: EDM U-Net, loss, training, checkpoints."""

@@ -1,0 +1,1 @@
+"""ISMRMRD streaming: wire codec, scan assembly, stream server, Gadgetron gadget, replay."""

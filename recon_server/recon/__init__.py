@@ -1,0 +1,1 @@
+"""Numerical reconstruction core: FFTs, SENSE operator, coil maps, prewhitening, solvers."""
