@@ -1,0 +1,376 @@
+"""Acquisitions (or Gadgetron ReconData) -> one :class:`KSpaceScan` per (contrast, repetition).
+
+Feed an :class:`Assembler` the readouts as they arrive and call :meth:`Assembler.finish`:
+
+- Noise readouts (flag ACQ_IS_NOISE_MEASUREMENT) are kept, concatenated, as ``scan.noise``.
+- Navigator, phase-correction, dummy-scan and feedback readouts are ignored.
+- Readout line ``idx.kspace_encode_step_1`` goes to row ``ky + (ny // 2 - limits.center)``
+  of the encoded matrix (``ny`` = encodedSpace y); the sample ``center_sample`` lands on
+  column ``nx // 2``. Only acquired lines need to arrive (prospective undersampling).
+- Lines flagged ACQ_IS_PARALLEL_CALIBRATION are calibration only; lines flagged
+  ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING are both. Without either flag the calibration
+  region is the fully sampled run of lines around the centre (``masks.acs_region``).
+- Readout oversampling: when readouts are longer than reconSpace x, the lines are kept at
+  encodedSpace x and, at ``finish``, transformed to image space along x, cropped to the
+  central reconSpace x columns, and transformed back (centred orthonormal FFT).
+- Geometry per slice (``idx.slice``) comes from its first imaging readout (position and
+  read/phase/slice directions) and reconSpace fieldOfView_mm. All-zero direction vectors
+  (some simulators write them) are replaced by the identity axes.
+
+Contrast label rule (first that applies), see :func:`contrast_label`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import ismrmrd
+import numpy as np
+from ismrmrd import xsd
+
+from recon_server.data.masks import acceleration_of, acs_region, mask_2d
+from recon_server.mrd import wire
+from recon_server.scan import KSpaceScan, SliceGeometry
+
+log = logging.getLogger(__name__)
+
+
+def _bit(flag: int) -> int:
+    return 1 << (flag - 1)
+
+
+NOISE = _bit(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+CALIBRATION = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+CALIBRATION_AND_IMAGING = _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+IGNORED = (
+    _bit(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+    | _bit(ismrmrd.ACQ_IS_PHASECORR_DATA)
+    | _bit(ismrmrd.ACQ_IS_HPFEEDBACK_DATA)
+    | _bit(ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
+    | _bit(ismrmrd.ACQ_IS_RTFEEDBACK_DATA)
+    | _bit(ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA)
+    | _bit(ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE)
+    | _bit(ismrmrd.ACQ_IS_PHASE_STABILIZATION)
+)
+KNOWN_CONTRASTS = ("FLAIR", "T1POST", "T1", "T2", "PD", "DWI")
+
+
+def parse_header(header_xml: str) -> xsd.ismrmrdHeader:
+    """Parse an ISMRMRD XML header; ValueError naming the problem if it does not parse."""
+    try:
+        return xsd.CreateFromDocument(header_xml.rstrip("\x00"))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"ISMRMRD header XML does not parse: {exc}") from None
+
+
+def contrast_label(header: xsd.ismrmrdHeader, config: dict | None = None, *, contrast_index: int = 0) -> str:
+    """The contrast label of a scan, by the first rule that gives one.
+
+    1. ``config["contrast"]`` (the JSON TEXT a FIRE client sends after the header).
+    2. userParameterString ``contrast`` in the XML header.
+    3. Keywords in measurementInformation protocolName / seriesDescription / sequenceName:
+       FLAIR; T1 with POST, GD or +C -> T1POST; T2; T1; PD; DWI / DIFF -> DWI.
+    4. sequenceParameters (ms; the echo time of ``contrast_index`` if listed):
+       TI >= 1500 and TE >= 60 -> FLAIR; TI present and TE < 30 -> T1;
+       TR >= 2000 and TE >= 60 -> T2; TR < 1000 and TE < 30 -> T1.
+    5. Otherwise ``""`` (unknown; the default method applies).
+    """
+    if config and isinstance(config.get("contrast"), str) and config["contrast"].strip():
+        return config["contrast"].strip().upper()
+    params = header.userParameters
+    if params is not None:
+        for p in params.userParameterString or []:
+            if str(p.name).lower() == "contrast" and str(p.value).strip():
+                return str(p.value).strip().upper()
+    info = header.measurementInformation
+    if info is not None:
+        text = " ".join(str(t) for t in (info.protocolName, info.seriesDescription, info.sequenceName) if t)
+        text = text.upper().replace("-", "_").replace(" ", "_")
+        if "FLAIR" in text:
+            return "FLAIR"
+        if "T1" in text and any(k in text for k in ("POST", "GD", "+C", "CONTRAST")):
+            return "T1POST"
+        for key in ("T2", "T1", "PD"):
+            if key in text:
+                return key
+        if "DWI" in text or "DIFF" in text:
+            return "DWI"
+    seq = header.sequenceParameters
+    if seq is not None:
+
+        def pick(values: list | None) -> float | None:
+            if not values:
+                return None
+            return float(values[min(contrast_index, len(values) - 1)])
+
+        tr, te, ti = pick(seq.TR), pick(seq.TE), pick(seq.TI)
+        if ti is not None and te is not None and ti >= 1500 and te >= 60:
+            return "FLAIR"
+        if ti is not None and te is not None and te < 30:
+            return "T1"
+        if tr is not None and te is not None:
+            if tr >= 2000 and te >= 60:
+                return "T2"
+            if tr < 1000 and te < 30:
+                return "T1"
+    return ""
+
+
+def _unit(v: np.ndarray, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-6:
+        return default
+    return (float(v[0] / norm), float(v[1] / norm), float(v[2] / norm))
+
+
+@dataclass
+class _Store:
+    """Lines of one (contrast, repetition), preallocated at (slices, coils, ny, nx)."""
+
+    kspace: np.ndarray
+    imaging: np.ndarray  # bool (ny,), rows holding imaging data
+    calibration_rows: np.ndarray  # bool (ny,), rows usable for calibration
+    calib_only: np.ndarray | None = None  # (slices, coils, ny, nx) for calibration-only lines
+    geometry: dict[int, np.ndarray] = field(default_factory=dict)
+    slices_seen: set[int] = field(default_factory=set)
+
+
+class Assembler:
+    """Collects readouts of one stream into k-space scans (see the module docstring)."""
+
+    def __init__(self, header_xml: str, *, config: dict | None = None) -> None:
+        self.header_xml = header_xml.rstrip("\x00")
+        self.header = parse_header(self.header_xml)
+        self.config = config or {}
+        if not self.header.encoding:
+            raise ValueError("ISMRMRD header has no <encoding>")
+        enc = self.header.encoding[0]
+        self.enc_nx = int(enc.encodedSpace.matrixSize.x)
+        self.ny = int(enc.encodedSpace.matrixSize.y)
+        self.recon_nx = int(enc.reconSpace.matrixSize.x)
+        fov = enc.reconSpace.fieldOfView_mm
+        self.fov = (float(fov.x), float(fov.y), float(fov.z))
+        if min(self.enc_nx, self.ny, self.recon_nx) < 1 or self.ny > 16384 or self.enc_nx > 65535:
+            raise ValueError(
+                f"implausible encoding matrix {self.enc_nx} x {self.ny} (recon x {self.recon_nx})"
+            )
+        limits = enc.encodingLimits
+        e1 = getattr(limits, "kspace_encoding_step_1", None) if limits is not None else None
+        centre = int(e1.center) if e1 is not None and e1.center is not None else self.ny // 2
+        self.ky_offset = self.ny // 2 - centre
+        sl = getattr(limits, "slice", None) if limits is not None else None
+        self.n_slices = int(sl.maximum) + 1 if sl is not None and sl.maximum is not None else 1
+        if self.n_slices > 4096:
+            raise ValueError(f"implausible number of slices {self.n_slices}")
+        system = self.header.acquisitionSystemInformation
+        rc = system.receiverChannels if system is not None else None
+        self.channels: int | None = int(rc) if rc else None
+        self.nx: int | None = None  # stored readout width, fixed by the first imaging line
+        self.stores: dict[tuple[int, int], _Store] = {}
+        self.noise: list[np.ndarray] = []
+        self.n_lines = 0
+        info = self.header.measurementInformation
+        self.measurement_id = str(info.measurementID) if info is not None and info.measurementID else ""
+
+    # ---------------------------------------------------------------- feeding
+
+    def _check_channels(self, channels: int, what: str) -> None:
+        if self.channels is None:
+            self.channels = channels
+        elif channels != self.channels:
+            raise ValueError(
+                f"{what} has {channels} channels but the header / earlier readouts say {self.channels}"
+            )
+
+    def add(self, acq: wire.Acquisition) -> None:
+        """Add one readout (head, data (coils, samples))."""
+        self.add_line(acq.head, acq.data)
+
+    def add_line(self, head: np.void | np.ndarray, data: np.ndarray) -> None:
+        flags = int(head["flags"])
+        if flags & IGNORED:
+            return
+        channels, samples = data.shape
+        what = f"readout {self.n_lines}"
+        self.n_lines += 1
+        self._check_channels(channels, what)
+        if flags & NOISE:
+            self.noise.append(np.asarray(data, dtype=np.complex64))
+            return
+        if self.nx is None:
+            # Readouts longer than the recon matrix carry oversampling: keep the encoded width.
+            self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
+        idx = head["idx"]
+        key = (int(idx["contrast"]), int(idx["repetition"]))
+        store = self.stores.get(key)
+        if store is None:
+            store = self._new_store()
+            self.stores[key] = store
+        ky = int(idx["kspace_encode_step_1"]) + self.ky_offset
+        if not 0 <= ky < self.ny:
+            raise ValueError(f"{what}: phase-encode line {ky} outside the encoded matrix of {self.ny} lines")
+        sl = int(idx["slice"])
+        if sl >= store.kspace.shape[0]:
+            store = self._grow(key, store, sl + 1)
+        nx = store.kspace.shape[-1]
+        x0 = nx // 2 - int(head["center_sample"]) if int(head["center_sample"]) else (nx - samples) // 2
+        if x0 < 0 or x0 + samples > nx:
+            raise ValueError(
+                f"{what}: {samples} samples with centre {int(head['center_sample'])} do not fit a "
+                f"readout of {nx} (encodedSpace x {self.enc_nx}, reconSpace x {self.recon_nx})"
+            )
+        is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
+        if flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING:
+            if store.calib_only is None:
+                store.calib_only = np.zeros_like(store.kspace)
+            store.calib_only[sl, :, ky, x0 : x0 + samples] = data
+        else:
+            store.kspace[sl, :, ky, x0 : x0 + samples] = data
+            store.imaging[ky] = True
+            if sl not in store.geometry:
+                store.geometry[sl] = np.concatenate(
+                    [head["position"], head["read_dir"], head["phase_dir"], head["slice_dir"]]
+                )
+        if is_cal:
+            store.calibration_rows[ky] = True
+        store.slices_seen.add(sl)
+
+    def _new_store(self) -> _Store:
+        assert self.channels is not None and self.nx is not None
+        shape = (self.n_slices, self.channels, self.ny, self.nx)
+        return _Store(
+            kspace=np.zeros(shape, dtype=np.complex64),
+            imaging=np.zeros(self.ny, dtype=bool),
+            calibration_rows=np.zeros(self.ny, dtype=bool),
+        )
+
+    def _grow(self, key: tuple[int, int], store: _Store, slices: int) -> _Store:
+        log.warning("slice index %d beyond the header's encoding limits; growing the buffer", slices - 1)
+        pad = ((0, slices - store.kspace.shape[0]), (0, 0), (0, 0), (0, 0))
+        store.kspace = np.pad(store.kspace, pad)
+        if store.calib_only is not None:
+            store.calib_only = np.pad(store.calib_only, pad)
+        self.n_slices = max(self.n_slices, slices)
+        return store
+
+    def add_recon_data(self, recon: wire.ReconData) -> None:
+        """Add Gadgetron ReconData: every non-empty line of ``data`` (and ``ref``, as calibration)."""
+        for bit in recon.bits:
+            self._add_buffer(bit.data, calibration=False)
+            if bit.ref is not None:
+                self._add_buffer(bit.ref, calibration=True)
+
+    def _add_buffer(self, buf: wire.ReconBuffer, *, calibration: bool) -> None:
+        data = buf.data
+        if data.ndim != 7:
+            raise ValueError(f"ReconData buffer must be 7-D [E0,E1,E2,CHA,N,S,LOC], got shape {data.shape}")
+        e0, e1, e2, cha, n_n, n_s, n_loc = data.shape
+        headers = buf.headers.reshape(buf.headers.shape + (1,) * (5 - buf.headers.ndim))
+        if headers.shape != (e1, e2, n_n, n_s, n_loc):
+            raise ValueError(f"ReconData headers of shape {buf.headers.shape} do not match data {data.shape}")
+        filled = np.abs(data).sum(axis=(0, 3)) > 0  # (E1, E2, N, S, LOC)
+        for i1, i2, n, s, loc in zip(*np.nonzero(filled), strict=True):
+            head = np.array(headers[i1, i2, n, s, loc], dtype=headers.dtype)[()]
+            line = np.ascontiguousarray(data[:, i1, i2, :, n, s, loc].T)
+            if int(head["number_of_samples"]) == 0:  # header row not filled: use the buffer position
+                head["idx"]["kspace_encode_step_1"] = i1 - self.ky_offset
+                head["idx"]["slice"] = loc
+            head["number_of_samples"], head["active_channels"] = e0, cha
+            if calibration:
+                head["flags"] = (int(head["flags"]) | CALIBRATION) & ~CALIBRATION_AND_IMAGING
+            else:
+                head["flags"] = int(head["flags"]) & ~CALIBRATION
+            self.add_line(head, line)
+
+    # ---------------------------------------------------------------- finishing
+
+    def finish(self) -> list[KSpaceScan]:
+        """Return one scan per (contrast, repetition), in that order."""
+        if not self.stores or not any(s.imaging.any() for s in self.stores.values()):
+            raise ValueError("the stream holds no imaging readouts")
+        noise = np.concatenate(self.noise, axis=1) if self.noise else None
+        return [self._finish_one(key, store, noise) for key, store in sorted(self.stores.items())]
+
+    def _finish_one(self, key: tuple[int, int], store: _Store, noise: np.ndarray | None) -> KSpaceScan:
+        contrast_index, repetition = key
+        if not store.imaging.any():
+            raise ValueError(f"contrast {contrast_index} repetition {repetition}: only calibration readouts")
+        slices = sorted(store.slices_seen)
+        kspace = store.kspace[slices]
+        calib_only = store.calib_only[slices] if store.calib_only is not None else None
+        if kspace.shape[-1] > self.recon_nx:
+            kspace = remove_readout_oversampling(kspace, self.recon_nx)
+            if calib_only is not None:
+                calib_only = remove_readout_oversampling(calib_only, self.recon_nx)
+        if store.calibration_rows.any():
+            acs = acs_region(store.calibration_rows | (store.imaging & (calib_only is None)), min_lines=2)
+        else:
+            acs = acs_region(store.imaging, min_lines=4)
+        calibration = kspace[:, :, acs[0] : acs[1], :].copy()
+        if calib_only is not None:
+            rows = np.arange(acs[0], acs[1])
+            only = store.calibration_rows[rows] & ~store.imaging[rows]
+            calibration[:, :, only, :] = calib_only[:, :, rows[only], :]
+        geometry = []
+        for sl in slices:
+            g = store.geometry.get(sl, np.zeros(12, dtype=np.float32))
+            geometry.append(
+                SliceGeometry(
+                    position=(float(g[0]), float(g[1]), float(g[2])),
+                    read_dir=_unit(g[3:6], (1.0, 0.0, 0.0)),
+                    phase_dir=_unit(g[6:9], (0.0, 1.0, 0.0)),
+                    slice_dir=_unit(g[9:12], (0.0, 0.0, 1.0)),
+                    fov_mm=self.fov,
+                    slice_index=sl,
+                )
+            )
+        return KSpaceScan(
+            kspace=kspace,
+            mask=mask_2d(store.imaging, kspace.shape[-1]),
+            acs=acs,
+            calibration=calibration,
+            geometry=geometry,
+            header_xml=self.header_xml,
+            noise=noise,
+            contrast=contrast_label(self.header, self.config, contrast_index=contrast_index),
+            acceleration=acceleration_of(store.imaging),
+            repetition=repetition,
+            contrast_index=contrast_index,
+            measurement_id=self.measurement_id,
+        )
+
+
+def remove_readout_oversampling(kspace: np.ndarray, nx: int) -> np.ndarray:
+    """Crop the readout (last axis) to ``nx`` points of image space, keeping k-space units.
+
+    ``k -> ifftc_x -> keep the central nx columns -> fftc_x`` (centred, orthonormal).
+    """
+    full = kspace.shape[-1]
+    if nx >= full:
+        return kspace
+    img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=-1), axis=-1, norm="ortho"), axes=-1)
+    start = (full - nx) // 2
+    img = img[..., start : start + nx]
+    out = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, axes=-1), axis=-1, norm="ortho"), axes=-1)
+    return out.astype(np.complex64)
+
+
+def parse_config_text(text: str) -> dict:
+    """Parse the optional JSON TEXT a FIRE client sends after the header ({} if not JSON)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def assemble(
+    header_xml: str, lines: list[tuple[np.void, np.ndarray]], *, config: dict | None = None
+) -> list[KSpaceScan]:
+    """Convenience: assemble a whole list of ``(head, data)`` readouts at once."""
+    asm = Assembler(header_xml, config=config)
+    for head, data in lines:
+        asm.add_line(head, data)
+    return asm.finish()
