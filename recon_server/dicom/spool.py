@@ -194,7 +194,10 @@ class Spool:
 
     def complete(self, item: SpoolItem) -> None:
         """The PACS stored the image: delete it durably (idempotent)."""
-        item.path.unlink(missing_ok=True)
+        try:
+            item.path.unlink()
+        except FileNotFoundError:
+            return
         fsync_dir(item.path.parent)
         self._remove_if_empty(item.path.parent)
 

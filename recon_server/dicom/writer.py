@@ -106,16 +106,25 @@ def _text(value: object, limit: int, what: str) -> str:
 
 
 def _person_name(value: str | None, what: str) -> str:
-    """PN: at most 5 ``^`` components, each component group at most 64 characters."""
+    """PN: at most 5 ``^`` components and 64 characters; the longest components are shortened.
+
+    Keeping the carets keeps family and given names apart (dciodvfy flags a caret-less long
+    name as the retired PN form).
+    """
     if not value:
         return ""
     text = re.sub(r"[\x00-\x1f\x7f\\=]", " ", value).strip()
     parts = [p.strip() for p in text.split("^")][:5]
-    if len(text) > 64:
-        log.warning("%s longer than 64 characters, truncated: %r", what, text)
-        name = "^".join(parts)[:64].rstrip("^ ")
-        return name
-    return "^".join(parts).rstrip("^")
+    while len("^".join(parts)) > 64:
+        longest = max(range(len(parts)), key=lambda k: len(parts[k]))
+        excess = len("^".join(parts)) - 64
+        parts[longest] = parts[longest][: max(1, len(parts[longest]) - excess)].rstrip()
+        if len(parts[longest]) <= 1 and len("^".join(parts)) > 64:
+            parts.pop()  # pathological: many one-letter components
+    name = "^".join(parts).rstrip("^")
+    if name != text:
+        log.warning("%s sanitised to DICOM PN limits: %r -> %r", what, text, name)
+    return name
 
 
 def _code_string(value: str) -> str:

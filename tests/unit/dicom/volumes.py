@@ -128,11 +128,12 @@ def make_volume(
     header_xml: str | None = None,
     model: bool = True,
     series_index: int = 0,
+    fov_xy: tuple[float, float] | None = None,
 ) -> ImageVolume:
     """A small random magnitude volume with a matching header and geometry."""
     rng = np.random.default_rng(seed)
     magnitude = rng.gamma(2.0, 50.0, size=(n_slices, rows, cols)).astype(np.float32)
-    fov = (220.0, 220.0 * rows / cols, 5.0)
+    fov = (*fov_xy, 5.0) if fov_xy else (220.0, 220.0 * rows / cols, 5.0)
     prov = Provenance(
         method="dps",
         settings={"steps": 50},

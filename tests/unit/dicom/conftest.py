@@ -1,0 +1,69 @@
+"""Fixtures of the DICOM unit tests: test volumes and the dicom3tools validators."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+#: dciodvfy/dcentvfy warnings accepted (docs/dicom.md explains each one).
+ACCEPTED_WARNINGS = (
+    # no BodyPartExamined in the header: laterality is "actually unknown", sent empty
+    "is only permitted to be empty when actually unknown",
+)
+
+
+def load_volumes() -> ModuleType:
+    """The test-volume factory next to this file (test folders are not packages)."""
+    name = "recon_dicom_test_volumes"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("volumes.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def vol() -> ModuleType:
+    return load_volumes()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install the Debian package dicom3tools (make deps)")
+    return path
+
+
+def run_validator(tool: str, files: list[Path], accept: tuple[str, ...] = ()) -> list[str]:
+    """Run dciodvfy (one file) or dcentvfy (a series); return Error/unaccepted Warning lines."""
+    proc = subprocess.run([_tool(tool), *map(str, files)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    problems = [ln for ln in lines if ln.startswith("Error")]
+    problems += [
+        ln for ln in lines if ln.startswith("Warning") and not any(ok in ln for ok in ACCEPTED_WARNINGS + accept)
+    ]
+    return problems
+
+
+@pytest.fixture(scope="session")
+def validate():
+    """validate(files): dciodvfy on every file and dcentvfy on the set; asserts no problems."""
+
+    def check(files: list[Path], accept: tuple[str, ...] = ()) -> None:
+        assert files, "no files to validate"
+        for path in files:
+            problems = run_validator("dciodvfy", [path], accept)
+            assert not problems, f"dciodvfy {path.name}: {problems}"
+        problems = run_validator("dcentvfy", files, accept)
+        assert not problems, f"dcentvfy: {problems}"
+
+    return check
