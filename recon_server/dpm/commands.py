@@ -1,9 +1,196 @@
-"""Subcommands of this area (registered into ``recon-server``)."""
+"""Subcommands of the diffusion-prior area: ``train pretrain``, ``train finetune``, ``sample``.
+
+Multi-GPU / multi-node: run the same command under torchrun, e.g.
+``torchrun --nproc_per_node 8 -m recon_server.cli train pretrain ...``; ``--batch`` is the global
+batch (split evenly over the processes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="prepared slice directories")
+    p.add_argument(
+        "--out", type=Path, required=True, help="run directory (train_state/, last/, best/, log.jsonl)"
+    )
+    p.add_argument("--lr", type=_positive_float, default=lr, help="base learning rate")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup-kimg", type=float, default=0.0, help="linear warm-up (thousands of images)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_float, help="passes over the training slices")
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    p.add_argument("--batch", type=_positive_int, default=batch, help="global batch (all processes)")
+    p.add_argument("--ema-halflife-kimg", type=_positive_float, default=500.0)
+    p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio (0 disables)")
+    p.add_argument("--val-subjects", type=int, default=2, help="held-out subjects of the validation contrast")
+    p.add_argument("--val-data", type=Path, help="separate held-out set instead of --val-subjects")
+    p.add_argument("--val-every", type=int, default=500, help="steps between validations (0: never)")
+    p.add_argument("--ckpt-every", type=_positive_int, default=1000, help="steps between checkpoints")
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--max-subjects", type=_positive_int, help="cap on training subjects per contrast")
+    p.add_argument("--label-dropout", type=float, default=0.0, help="probability of dropping the contrast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes per rank")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue RUN/train_state")
+    p.add_argument("--name", default="", help="model name in the card")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    train = subparsers.add_parser("train", help="train the diffusion prior", formatter_class=fmt)
+    phases = train.add_subparsers(dest="phase", required=True, metavar="PHASE")
+
+    pre = phases.add_parser("pretrain", help="pre-train on several contrasts", formatter_class=fmt)
+    _common(pre, lr=1e-4, batch=32)
+    pre.add_argument("--contrasts", required=True, help="comma-separated, e.g. T1,T2,T1POST")
+    pre.add_argument("--model-size", choices=["tiny", "demo", "paper"], default="demo")
+    pre.add_argument("--joint", metavar="CONTRAST", help="also train on this target contrast at once")
+    pre.add_argument("--target-subjects", type=_positive_int, help="cap on --joint training subjects")
+    pre.set_defaults(func=_run_pretrain)
+
+    fine = phases.add_parser("finetune", help="fine-tune on a new target contrast", formatter_class=fmt)
+    _common(fine, lr=1e-5, batch=32)
+    fine.add_argument(
+        "--from", dest="from_ckpt", type=Path, required=True, help="pre-trained checkpoint or run"
+    )
+    fine.add_argument("--contrast", required=True, help="target contrast (gets a new slot)")
+    fine.add_argument(
+        "--epoch-fraction", type=_positive_float, default=0.02, help="of the pre-training epochs"
+    )
+    fine.add_argument("--target-subjects", type=_positive_int, help="cap on target training subjects")
+    fine.add_argument("--slot-init", choices=["mean", "zeros"], default="mean")
+    fine.set_defaults(func=_run_finetune)
+
+    smp = subparsers.add_parser("sample", help="draw images from the diffusion prior", formatter_class=fmt)
+    smp.add_argument("--model", type=Path, required=True, help="checkpoint directory (or run directory)")
+    smp.add_argument("--contrast", required=True)
+    smp.add_argument("--n", type=_positive_int, default=8)
+    smp.add_argument("--out", type=Path, required=True, help="PNG grid of magnitudes")
+    smp.add_argument("--steps", type=_positive_int, default=32)
+    smp.add_argument("--size", type=_positive_int, default=256, help="square matrix size")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--solver", choices=["heun", "euler"], default="heun")
+    smp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    smp.add_argument("--save-npy", type=Path, help="also save the complex samples (n, H, W) as .npy")
+    smp.set_defaults(func=_run_sample)
+
+
+def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported lazily)
+    from recon_server.dpm.runs import RunOptions  # noqa: PLC0415 (keep CLI start-up light)
+
+    return RunOptions(
+        data=tuple(args.data),
+        out=args.out,
+        lr=args.lr,
+        batch=args.batch,
+        epochs=args.epochs,
+        steps=args.steps,
+        lr_schedule=args.lr_schedule,
+        warmup_kimg=args.warmup_kimg,
+        ema_halflife_kimg=args.ema_halflife_kimg,
+        ema_rampup_ratio=args.ema_rampup or None,
+        val_subjects=args.val_subjects,
+        val_data=args.val_data,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        amp=not args.no_amp,
+        workers=args.workers,
+        device=args.device,
+        resume=args.resume,
+        name=args.name,
+        label_dropout=args.label_dropout,
+        max_subjects=args.max_subjects,
+        progress=not args.no_progress,
+    )
+
+
+def _finish(summary: dict) -> int:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "best"} | {"best": summary.get("best")}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from recon_server.dpm.runs import pretrain  # noqa: PLC0415
+
+    summary = pretrain(
+        _options(args),
+        contrasts=[c for c in args.contrasts.split(",") if c.strip()],
+        model_size=args.model_size,
+        joint=args.joint,
+        target_subjects=args.target_subjects,
+    )
+    return _finish(summary)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from recon_server.dpm.runs import finetune  # noqa: PLC0415
+
+    summary = finetune(
+        _options(args),
+        from_ckpt=args.from_ckpt,
+        contrast=args.contrast,
+        epoch_fraction=args.epoch_fraction,
+        target_subjects=args.target_subjects,
+        slot_init=args.slot_init,
+    )
+    return _finish(summary)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from recon_server.dpm.checkpoint import load_checkpoint  # noqa: PLC0415
+    from recon_server.dpm.sample import magnitude_grid, sample_prior, write_png  # noqa: PLC0415
+
+    device = (
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    model, card = load_checkpoint(args.model, device=device)
+    model.contrast_index(args.contrast)  # clear error before any work
+    images = sample_prior(
+        model,
+        args.contrast,
+        n=args.n,
+        size=(args.size, args.size),
+        steps=args.steps,
+        seed=args.seed,
+        solver=args.solver,
+    )
+    write_png(args.out, magnitude_grid(images.numpy()))
+    if args.save_npy:
+        np.save(args.save_npy, images.numpy())
+    log.info("wrote %d %s samples of %s to %s", args.n, args.contrast, card.name, args.out)
+    return 0
