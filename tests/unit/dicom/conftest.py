@@ -49,7 +49,9 @@ def run_validator(tool: str, files: list[Path], accept: tuple[str, ...] = ()) ->
     lines = (proc.stdout + proc.stderr).splitlines()
     problems = [ln for ln in lines if ln.startswith("Error")]
     problems += [
-        ln for ln in lines if ln.startswith("Warning") and not any(ok in ln for ok in ACCEPTED_WARNINGS + accept)
+        ln
+        for ln in lines
+        if ln.startswith("Warning") and not any(ok in ln for ok in ACCEPTED_WARNINGS + accept)
     ]
     return problems
 

@@ -18,7 +18,9 @@ SERIES_A, SERIES_B = "1.2.3.1", "1.2.3.2"
 def test_enqueue_lists_oldest_series_first_and_completes(tmp_path):
     spool = Spool(tmp_path)
     for i, series in enumerate([SERIES_B, SERIES_A, SERIES_B]):
-        items = spool.enqueue(f"data{i}".encode(), series_uid=series, sop_uid=f"9.{i}", destinations=["a", "b"])
+        items = spool.enqueue(
+            f"data{i}".encode(), series_uid=series, sop_uid=f"9.{i}", destinations=["a", "b"]
+        )
         for item in items:  # make the spool order unambiguous on coarse file-system clocks
             os.utime(item.path, ns=(i * 10**9, i * 10**9))
     batches = spool.pending("a")

@@ -121,7 +121,12 @@ def test_pixels_window_and_marking(tmp_path, vol):
     assert ds.FrameOfReferenceUID == vol.FRAME_UID
     assert ds.SeriesNumber == 701
     assert ds.AccessionNumber == "00A123"  # schema says int; leading zeros kept
-    assert (ds.PatientSex, ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == ("F", "19610704", "20240305", "081530")
+    assert (ds.PatientSex, ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == (
+        "F",
+        "19610704",
+        "20240305",
+        "081530",
+    )
 
 
 def test_non_ai_recon_is_not_marked_ai(vol):
@@ -135,7 +140,11 @@ def test_sequence_mapping_flair_and_t1(vol):
     assert list(flair.ScanningSequence) == ["SE", "IR"]
     assert list(flair.SequenceVariant) == ["SK", "MP"]
     assert float(flair.InversionTime) == 2500.0
-    assert (float(flair.RepetitionTime), float(flair.EchoTime), int(flair.EchoTrainLength)) == (9000.0, 81.0, 16)
+    assert (float(flair.RepetitionTime), float(flair.EchoTime), int(flair.EchoTrainLength)) == (
+        9000.0,
+        81.0,
+        16,
+    )
     t1 = build_series(vol.make_volume(flair=False))[0]
     assert t1.ScanningSequence == "SE" and "InversionTime" not in t1
     assert t1.MRAcquisitionType == "2D"
