@@ -262,7 +262,7 @@ class PacsSender:
         """No C-STORE response: retry, unless the PACS keeps aborting a fresh association."""
         if assoc.is_established:
             assoc.abort()
-        if stored_here == 0 and result.stored == 0:
+        if stored_here == 0:
             state.aborts_after_accept += 1
         if state.aborts_after_accept >= self.config.retry.abort_limit:
             message = (

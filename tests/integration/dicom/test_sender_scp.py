@@ -100,3 +100,33 @@ def test_pacs_echo_command_exit_codes(scp, capsys, netns):
     assert "TCP connection failed" in capsys.readouterr().err
     assert commands.main([*args, "--port", "70000"]) == 2
     assert "1..65535" in capsys.readouterr().err
+
+
+def test_each_destination_drains_independently(vol, scp, tmp_path, netns):
+    from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    config = DicomConfig(
+        tmp_path / "out",
+        tmp_path / "spool",
+        destinations=(
+            PacsDestination("down", "127.0.0.1", closed, "TESTPACS"),
+            PacsDestination("up", "127.0.0.1", scp.port, "TESTPACS"),
+        ),
+        retry=RetryPolicy(initial_s=0.05, max_s=0.1),
+        connect_timeout_s=2.0,
+    )
+    store_series(vol.make_volume(n_slices=2), config)
+    store_series(vol.make_volume(n_slices=2, series_index=1), config)
+    spool = Spool(config.spool_dir)
+    series_order = [b.series_uid for b in spool.pending("up")]
+    report = PacsSender(config).drain_once()
+    assert report.stored == 4 and spool.pending_count("up") == 0
+    assert spool.pending_count("down") == 4 and spool.quarantined("down") == []
+    first_series = [
+        str(pydicom.dcmread(p).SOPInstanceUID)
+        for p in sorted((tmp_path / "out" / series_order[0]).glob("*.dcm"))
+    ]
+    assert sorted(scp.received[:2]) == sorted(first_series)  # oldest series first
