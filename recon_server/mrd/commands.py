@@ -1,9 +1,177 @@
-"""Subcommands of this area (registered into ``recon-server``)."""
+"""Subcommands ``serve``, ``replay`` and ``recon`` (registered into ``recon-server``)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from recon_server.config import DEFAULT_PORT, ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _contrast_method(text: str) -> tuple[str, str]:
+    contrast, sep, method = text.partition("=")
+    if not sep or not contrast or not method:
+        raise argparse.ArgumentTypeError(f"expected CONTRAST=METHOD, got {text!r}")
+    return contrast.strip().upper(), method.strip()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser(
+        "serve", help="run the MRD stream server (and Gadgetron listener)", formatter_class=fmt
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address of the MRD stream server")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port of the MRD stream server")
+    p.add_argument("--gadgetron-port", type=_port, default=None, help="also listen for Gadgetron <connect>")
+    p.add_argument("--gadgetron-host", default="127.0.0.1", help="address of the Gadgetron listener")
+    p.add_argument("--gadgetron-only", action="store_true", help="run only the Gadgetron listener")
+    p.add_argument("--method", default="cg-sense", help="default reconstruction method")
+    p.add_argument(
+        "--method-for",
+        type=_contrast_method,
+        action="append",
+        default=[],
+        metavar="CONTRAST=METHOD",
+        help="method for one contrast label (repeatable)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device for reconstruction")
+    p.add_argument("--image-dtype", choices=["float32", "uint16"], default="float32")
+    p.add_argument("--output-dir", type=Path, default=None, help="also save each volume here (.npy)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("replay", help="stream an ISMRMRD raw file to a server", formatter_class=fmt)
+    p.add_argument("file", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
+    p.add_argument("--method", default=None, help="ask the server for this method")
+    p.add_argument("--config-name", default="default", help="CONFIG_FILE name sent first")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+    p = subparsers.add_parser(
+        "recon", help="reconstruct an ISMRMRD raw file without a server", formatter_class=fmt
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
+    p.add_argument("--method", default=None, help="method (default: per contrast, cg-sense)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_recon)
+
+
+def volume_npy_sink(out_dir: Path):  # type: ignore[no-untyped-def]
+    """A sink saving each volume as ``<measurement or 'scan'>_<series>.npy`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def sink(volume) -> None:  # type: ignore[no-untyped-def]
+        name = f"{volume.measurement_id or 'scan'}_{volume.series_index}.npy".replace("/", "_")
+        np.save(out_dir / name, volume.magnitude)
+
+    return sink
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recon_server.mrd.gadget import GadgetronListener
+    from recon_server.mrd.server import StreamServer
+    from recon_server.pipeline import ReconWorker
+
+    config = ServiceConfig(
+        host=args.host,
+        port=args.port,
+        gadgetron_port=args.gadgetron_port,
+        gadgetron_host=args.gadgetron_host,
+        methods=dict(args.method_for),
+        default_method=args.method,
+        device=args.device,
+        output_dir=args.output_dir,
+        image_dtype=args.image_dtype,
+    )
+    if args.gadgetron_only and config.gadgetron_port is None:
+        raise ValueError("--gadgetron-only needs --gadgetron-port")
+    sinks = [volume_npy_sink(config.output_dir)] if config.output_dir else []
+    worker = ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+    stoppers = []
+    if not args.gadgetron_only:
+        server = StreamServer(config, sinks=sinks, worker=worker)
+        host, port = server.start()
+        print(f"recon-server: MRD stream server on {host}:{port}", flush=True)
+        stoppers.append(server.stop)
+    if config.gadgetron_port is not None:
+        listener = GadgetronListener(config, sinks=sinks, worker=worker)
+        host, port = listener.start()
+        print(f"recon-server: Gadgetron <connect> listener on {host}:{port}", flush=True)
+        stoppers.append(listener.stop)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    for stop in stoppers:
+        stop()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from recon_server.mrd.replay import ReplayError, replay_file
+
+    try:
+        result = replay_file(
+            args.file,
+            host=args.host,
+            port=args.port,
+            out_dir=args.out,
+            method=args.method,
+            config_name=args.config_name,
+            progress=not args.no_progress,
+        )
+    except ReplayError as exc:
+        print(f"recon-server replay: server error: {exc}")
+        log.error("server error: %s", exc)
+        return 1
+    print(f"recon-server replay: {len(result.images)} images -> {args.out / 'images.npy'}")
+    return 0
+
+
+def cmd_recon(args: argparse.Namespace) -> int:
+    from recon_server.data import ismrmrd_io
+    from recon_server.mrd.assemble import Assembler
+    from recon_server.mrd.replay import to_ismrmrd_images
+    from recon_server.mrd.server import volume_to_images
+    from recon_server.pipeline import reconstruct
+
+    config = ServiceConfig(device=args.device)
+    raw = ismrmrd_io.read_raw(args.file)
+    asm = Assembler(raw.header_xml)
+    for head, data in zip(raw.acquisition_headers, raw.data, strict=True):
+        asm.add_line(head, data)
+    volumes = [
+        reconstruct(scan, method=config.method_for(scan.contrast, args.method), device=config.device)
+        for scan in asm.finish()
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stacked = np.concatenate([v.magnitude for v in volumes]).astype(np.float32)
+    np.save(args.out / "images.npy", stacked)
+    h5 = args.out / "images.h5"
+    h5.unlink(missing_ok=True)
+    images = [im for v in volumes for im in volume_to_images(v)]
+    ismrmrd_io.write_images(h5, to_ismrmrd_images(images))
+    for v in volumes:
+        print(f"recon-server recon: {v.series_description}: {v.magnitude.shape} ({v.provenance.settings})")
+    print(f"recon-server recon: {stacked.shape[0]} images -> {args.out / 'images.npy'}")
+    return 0

@@ -1,0 +1,200 @@
+"""Gadgetron external Python gadget (gadgetron-python), in both Gadgetron modes.
+
+``<execute name="recon_server.mrd.gadget" target="gadget" type="python"/>``
+    Gadgetron runs ``python -m gadgetron <port> recon_server.mrd.gadget gadget`` per stream;
+    :func:`gadget` reconstructs on the calling thread (state is rebuilt for every scan).
+``<connect port="18000"/>``
+    ``recon-server serve --gadgetron-port 18000`` runs :class:`GadgetronListener`: a
+    long-running accept loop (``gadgetron.external.listen`` accepts one connection over
+    IPv6 only) that wraps each socket in gadgetron-python's ``Connection`` and shares one
+    reconstruction worker, so models stay loaded between scans.
+
+Stream: Gadgetron sends CONFIG (2, the ``<configuration>`` under ``<external>``), HEADER (3),
+then Acquisitions (1008) or ReconData (1023), then CLOSE. gadgetron-python's ``Connection``
+reads config and header; the items are read by this project's bounded codec
+(:mod:`recon_server.mrd.wire`), because gadgetron-python treats an unknown id as a normal end
+of stream and allocates whatever a length field asks. Images (1022) go back through the same
+codec (gadgetron-python's array writer breaks under numpy 2; ours casts explicitly). On failure
+the gadget sends ERROR (8) with the message, which gadgetron-python cannot do, and then the
+``Connection`` sends CLOSE as usual.
+
+Configuration properties read from the CONFIG XML (``<property name="method" value="..."/>``):
+``method`` (a registry name) and ``contrast`` (label override).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from gadgetron.external import Connection
+
+from recon_server.config import ServiceConfig
+from recon_server.mrd import wire
+from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.server import volume_to_images
+from recon_server.pipeline import ReconService, ReconWorker, Sink, reconstruct
+from recon_server.recon.methods import METHODS
+from recon_server.scan import KSpaceScan
+
+log = logging.getLogger(__name__)
+
+
+def config_properties(config: ET.Element | None) -> dict[str, str]:
+    """``name -> value`` of every ``<property>`` in the external node's configuration XML."""
+    if config is None:
+        return {}
+    props = {}
+    for prop in config.iter("property"):
+        name, value = prop.get("name"), prop.get("value")
+        if name and value is not None:
+            props[name] = value
+    return props
+
+
+def send_error(raw: Any, text: str) -> None:
+    """Write ERROR (8): ``uint16 8 | uint64 len | text`` through a ``.write`` object."""
+    for chunk in wire.encode_message(wire.Error(text)):
+        raw.write(bytes(chunk))
+
+
+def _run_direct(scans: list[KSpaceScan], method: str | None) -> list:
+    config = ServiceConfig()
+    return [
+        reconstruct(s, method=method or config.method_for(s.contrast), device=config.device) for s in scans
+    ]
+
+
+def handle_connection(
+    conn: Connection,
+    *,
+    service: ReconService | None = None,
+    limits: wire.WireLimits | None = None,
+    image_dtype: str = "float32",
+) -> None:
+    """Read one Gadgetron stream, reconstruct, send images; ERROR (8) on failure. CLOSE is
+    sent by ``Connection.__exit__``."""
+    sock: socket.socket = conn.socket.socket
+    stream = sock.makefile("rb", buffering=1 << 20)  # config and header are already consumed
+    reader = wire.WireReader(stream, limits or wire.WireLimits())
+    try:
+        props = config_properties(conn.config)
+        method = props.get("method")
+        if method is not None and method not in METHODS:
+            raise ValueError(f"unknown reconstruction method {method!r}; known: {sorted(METHODS)}")
+        header = bytes(conn.raw_bytes.header).decode("utf-8", errors="replace")
+        asm = Assembler(header, config={"contrast": props["contrast"]} if "contrast" in props else None)
+        while True:
+            msg = reader.read_message()
+            if isinstance(msg, wire.Close):
+                break
+            if isinstance(msg, wire.Acquisition):
+                asm.add(msg)
+            elif isinstance(msg, wire.ReconData):
+                asm.add_recon_data(msg)
+            elif not isinstance(msg, wire.Waveform):
+                raise wire.ProtocolError(f"unexpected {type(msg).__name__} message from Gadgetron")
+        scans = asm.finish()
+        volumes = service.run(scans, method=method) if service is not None else _run_direct(scans, method)
+        for volume in volumes:
+            for image in volume_to_images(volume, dtype=image_dtype):
+                for chunk in wire.encode_message(image):
+                    conn.socket.write(chunk)
+        log.info("gadget stream: %d readouts, %d scan(s) reconstructed", asm.n_lines, len(scans))
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.error("gadget stream failed: %s: %s", type(exc).__name__, exc)
+        try:
+            send_error(conn.socket, f"recon-server: {type(exc).__name__}: {exc}")
+        except OSError as send_exc:
+            log.info("could not send ERROR to Gadgetron: %s", send_exc)
+        if not isinstance(exc, (wire.ProtocolError, OSError)):
+            _drain(reader)
+    finally:
+        stream.close()
+
+
+def _drain(reader: wire.WireReader) -> None:
+    """Read and drop the rest of the stream up to CLOSE, so Gadgetron can finish sending."""
+    try:
+        while not isinstance(reader.read_message(), wire.Close):
+            pass
+    except (ValueError, OSError):
+        return
+
+
+def gadget(connection: Connection) -> None:
+    """``<execute>`` entry point: ``python -m gadgetron <port> recon_server.mrd.gadget gadget``."""
+    handle_connection(connection)
+
+
+class GadgetronListener:
+    """``<connect port=...>`` side: accept loop, one thread per Gadgetron stream."""
+
+    def __init__(
+        self, config: ServiceConfig, *, sinks: list[Sink] | None = None, worker: ReconWorker | None = None
+    ) -> None:
+        if config.gadgetron_port is None:
+            raise ValueError("ServiceConfig.gadgetron_port is not set")
+        config.check_methods(METHODS)
+        self.config = config
+        self.worker = worker or ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+        self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=sinks)
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self.address: tuple[str, int] | None = None
+
+    def bind(self) -> tuple[str, int]:
+        host = self.config.gadgetron_host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, int(self.config.gadgetron_port or 0)), family=family)
+        self.address = self._sock.getsockname()[:2]
+        return self.address
+
+    def start(self) -> tuple[str, int]:
+        address = self.bind()
+        threading.Thread(target=self.serve_forever, daemon=True, name="gadgetron-accept").start()
+        return address
+
+    def serve_forever(self) -> None:
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None and self.address is not None
+        log.info("Gadgetron external listener on %s:%d", self.address[0], self.address[1])
+        while not self._stop.is_set():
+            try:
+                sock, peer = self._sock.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            threading.Thread(target=self.handle, args=(sock, peer), daemon=True, name=f"gt-{peer}").start()
+
+    def handle(self, sock: socket.socket, peer: object) -> None:
+        sock.settimeout(self.config.socket_timeout_s)
+        try:
+            conn = Connection(sock)  # reads CONFIG (2) and HEADER (3)
+        except (AssertionError, ValueError, TypeError, AttributeError, struct.error, OSError) as exc:
+            # gadgetron-python asserts the message order and parses the header eagerly.
+            log.error("Gadgetron stream from %s: bad config/header: %s: %s", peer, type(exc).__name__, exc)
+            try:
+                raw = wire.WireWriter(sock.makefile("wb"))
+                raw.send(wire.Error(f"recon-server: bad config or header: {type(exc).__name__}: {exc}"))
+                raw.send(wire.Close())
+                raw.stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+            sock.close()
+            return
+        with conn:
+            handle_connection(
+                conn, service=self.service, limits=self.config.limits, image_dtype=self.config.image_dtype
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()

@@ -1,0 +1,227 @@
+"""Standalone MRD stream server (``recon-server serve``, default 127.0.0.1:9002).
+
+Speaks to ``gadgetron_ismrmrd_client``, ismrmrd-python's ProtocolSerializer and Siemens
+FIRE / OpenRecon clients. One stream, one scan session::
+
+    client -> server   CONFIG_FILE (1) or CONFIG_TEXT (2)   optional
+                       HEADER (3)                             ISMRMRD XML
+                       TEXT (5)                               optional JSON ("method", "contrast")
+                       ACQUISITION (1008) / WAVEFORM (1026, ignored) / RECON_DATA (1023) ...
+                       CLOSE (4)
+    server -> client   IMAGE (1022) per slice, float32 or uint16 magnitude, meta XML
+                       CLOSE (4)
+
+Errors: the server logs one line, sends ``TEXT "ERR <message>"`` (every client above reads
+TEXT; FIRE treats the ``ERR`` prefix as an error level, gadgetron_ismrmrd_client prints it),
+then CLOSE, closes that connection and keeps serving. (ERROR (8) goes only to Gadgetron, by
+the external gadget.) Each connection runs in its own thread; reconstructions go through
+one :class:`~recon_server.pipeline.ReconWorker` queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Sequence
+
+import ismrmrd
+import numpy as np
+
+from recon_server.config import ServiceConfig
+from recon_server.mrd import wire
+from recon_server.mrd.assemble import Assembler, parse_config_text
+from recon_server.pipeline import ReconService, ReconWorker, Sink
+from recon_server.recon.methods import METHODS
+from recon_server.scan import ImageVolume
+
+log = logging.getLogger(__name__)
+
+
+def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wire.Image]:
+    """One ISMRMRD magnitude image per slice, with meta (series description, window, type, method)."""
+    images = []
+    mag = volume.magnitude
+    if dtype == "uint16":
+        data = np.clip(np.rint(mag), 0, 65535).astype(np.uint16)
+    else:
+        data = mag.astype(np.float32)
+    for i, geom in enumerate(volume.geometry):
+        head = wire.new_image_head()
+        head["field_of_view"] = geom.fov_mm
+        head["position"], head["read_dir"] = geom.position, geom.read_dir
+        head["phase_dir"], head["slice_dir"] = geom.phase_dir, geom.slice_dir
+        head["slice"] = geom.slice_index
+        head["image_type"] = ismrmrd.IMTYPE_MAGNITUDE
+        head["image_index"] = i + 1
+        head["image_series_index"] = volume.series_index
+        meta = ismrmrd.Meta(
+            {
+                "DataRole": "Image",
+                "ImageProcessingHistory": ["RECON-SERVER", volume.provenance.method.upper()],
+                "SeriesDescription": volume.series_description,
+                "SequenceDescriptionAdditional": volume.provenance.method,
+                "ImageType": "\\".join(volume.image_type),
+                "WindowCenter": f"{volume.window_center:.3f}",
+                "WindowWidth": f"{volume.window_width:.3f}",
+                "ReconMethod": volume.provenance.method,
+                "Contrast": volume.contrast,
+            }
+        )
+        images.append(wire.Image(head=head, meta_xml=meta.serialize(), data=data[i][None, None]))
+    return images
+
+
+def method_override(config_name: str, options: dict) -> str | None:
+    """A method named by the client: JSON ``{"method": ...}`` or a CONFIG_FILE equal to a method."""
+    name = options.get("method") or (config_name if config_name in METHODS else None)
+    if name is None:
+        return None
+    if name not in METHODS:
+        raise ValueError(f"unknown reconstruction method {name!r}; known: {sorted(METHODS)}")
+    return str(name)
+
+
+class StreamSession:
+    """Reads one client stream into scans: config, header, optional JSON, readouts, CLOSE."""
+
+    def __init__(self, reader: wire.WireReader) -> None:
+        self.reader = reader
+        self.config_name = ""
+        self.options: dict = {}
+        self.assembler: Assembler | None = None
+
+    def read(self) -> Assembler:
+        reader = self.reader
+        msg = reader.read_message()
+        if isinstance(msg, wire.ConfigFile):
+            self.config_name = msg.name
+            msg = reader.read_message()
+        elif isinstance(msg, wire.ConfigText):
+            self.config_name = "config-text"
+            msg = reader.read_message()
+        if not isinstance(msg, wire.Header):
+            raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
+        asm = Assembler(msg.xml)
+        self.assembler = asm
+        while True:
+            msg = reader.read_message()
+            if isinstance(msg, wire.Acquisition):
+                asm.add(msg)
+            elif isinstance(msg, wire.Close):
+                return asm
+            elif isinstance(msg, wire.Waveform):
+                continue
+            elif isinstance(msg, wire.Text):
+                if asm.n_lines == 0:
+                    self.options.update(parse_config_text(msg.text))
+                    asm.config = self.options
+            elif isinstance(msg, wire.ReconData):
+                asm.add_recon_data(msg)
+            else:
+                raise wire.ProtocolError(f"unexpected {type(msg).__name__} message inside a scan")
+
+
+class StreamServer:
+    """Accept loop; one thread per connection; one reconstruction worker shared by all."""
+
+    def __init__(
+        self, config: ServiceConfig, *, sinks: Sequence[Sink] = (), worker: ReconWorker | None = None
+    ):
+        config.check_methods(METHODS)
+        self.config = config
+        self.worker = worker or ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+        self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=list(sinks))
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self.address: tuple[str, int] | None = None
+
+    def bind(self) -> tuple[str, int]:
+        sock = socket.create_server((self.config.host, self.config.port), reuse_port=False)
+        self._sock = sock
+        self.address = sock.getsockname()[:2]
+        return self.address
+
+    def serve_forever(self) -> None:
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None and self.address is not None
+        log.info("MRD stream server listening on %s:%d", self.address[0], self.address[1])
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            threading.Thread(target=self.handle, args=(conn, peer), daemon=True, name=f"mrd-{peer}").start()
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a background thread; returns the bound address."""
+        address = self.bind()
+        threading.Thread(target=self.serve_forever, daemon=True, name="mrd-accept").start()
+        return address
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        self.worker.close()
+
+    def handle(self, conn: socket.socket, peer: object) -> None:
+        """Serve one stream; every failure becomes ``TEXT "ERR ..."`` + CLOSE to the peer."""
+        conn.settimeout(self.config.socket_timeout_s)
+        reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20), self.config.limits)
+        writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
+        try:
+            session = StreamSession(reader)
+            asm = session.read()
+            method = method_override(session.config_name, session.options)
+            scans = asm.finish()
+            volumes = self.service.run(scans, method=method)
+            count = 0
+            for volume in volumes:
+                for image in volume_to_images(volume, dtype=self.config.image_dtype):
+                    writer.send(image, flush=False)
+                    count += 1
+            writer.send(wire.Close())
+            log.info(
+                "stream from %s: %d readouts, %.1f MB, %d scan(s), %d images sent",
+                peer,
+                asm.n_lines,
+                reader.bytes_read / 1e6,
+                len(scans),
+                count,
+            )
+        except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
+            log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+            try:
+                writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}"), flush=False)
+                writer.send(wire.Close())
+            except OSError as send_exc:
+                log.info("could not report the error to %s: %s", peer, send_exc)
+        finally:
+            for stream in (reader.stream, writer.stream):
+                try:
+                    stream.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+            close_gracefully(conn)
+
+
+def close_gracefully(conn: socket.socket, *, drain_s: float = 1.0, max_drain: int = 64 << 20) -> None:
+    """Half-close, then discard what the peer still sends (bounded) so that our last bytes
+    (the error text, CLOSE) are not lost to a TCP reset, and close."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(drain_s)
+        drained = 0
+        while drained < max_drain:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+    finally:
+        conn.close()
