@@ -59,6 +59,9 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN/train_state")
     p.add_argument("--name", default="", help="model name in the card")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--stop-at-step", type=_positive_int, help="checkpoint and stop at this step (resume later)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,6 +133,7 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported la
         label_dropout=args.label_dropout,
         max_subjects=args.max_subjects,
         progress=not args.no_progress,
+        stop_at_step=args.stop_at_step,
     )
 
 

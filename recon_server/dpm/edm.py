@@ -142,6 +142,9 @@ def edm_sigmas(
     i = torch.arange(steps, dtype=torch.float64)
     frac = i / max(steps - 1, 1)
     s = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    s[0] = sigma_max  # exact endpoints (the power round trip is off by an ulp)
+    if steps > 1:
+        s[-1] = sigma_min
     if append_zero:
         s = torch.cat([s, torch.zeros(1, dtype=torch.float64)])
     return s

@@ -64,6 +64,7 @@ class RunOptions:
     label_dropout: float = 0.0
     max_subjects: int | None = None
     progress: bool = True
+    stop_at_step: int | None = None
 
 
 def _val_split(
@@ -117,6 +118,7 @@ def _train_config(opts: RunOptions, *, mode: str, n_train: int, default_epochs: 
         label_dropout=opts.label_dropout,
         num_workers=opts.workers,
         progress=opts.progress,
+        stop_at_step=opts.stop_at_step,
         name=opts.name or f"{mode}-{opts.out.name}",
     )
 

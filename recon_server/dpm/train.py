@@ -130,12 +130,14 @@ class TrainConfig:
     label_dropout: float = 0.0
     num_workers: int = 0
     progress: bool = True
+    stop_at_step: int | None = None  # end this invocation early (checkpointed) for --resume later
     name: str = "recon-server-dpm"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lr"] = self.lr.to_dict()
         d["val_sigmas"] = list(self.val_sigmas)
+        del d["stop_at_step"]
         return d
 
 
@@ -308,7 +310,8 @@ def train(
         loss_sum += loss.detach()
         loss_count += 1
         n_window += gb
-        done = step + 1 == config.total_steps
+        stop = config.stop_at_step is not None and step + 1 >= config.stop_at_step
+        done = step + 1 == config.total_steps or stop
         if (step + 1) % config.log_every == 0 or done:
             if info.world_size > 1:
                 dist.all_reduce(loss_sum)
@@ -384,9 +387,11 @@ def train(
                 )
         if info.world_size > 1 and (val_now or ckpt_now):
             dist.barrier()
+        if stop:
+            break
     bar.close()
     return {
-        "steps": config.total_steps,
+        "steps": step + 1 if config.total_steps > start_step else start_step,
         "final_loss": last_loss,
         "final_lr": lr,
         "best": best,
