@@ -1,0 +1,336 @@
+"""Classical reconstructions: zero-filled, CG-SENSE (Tikhonov), L1-wavelet compressed sensing.
+
+All take k-space ``(slices, coils, ky, kx)`` (zeros where not acquired), coil maps of the same
+shape and a mask (see :class:`recon_server.recon.sense.SenseOperator`), and return complex
+images ``(slices, ky, kx)`` on the device of the inputs.
+
+Scale: the service feeds k-space in arbitrary units, so the iterative solvers divide each slice
+by ``s`` = the 99th percentile of the magnitude of its zero-filled image ``S^H F^H y`` and
+multiply the result back. Regularisation weights therefore refer to images whose 99th
+percentile is 1 (docs/recon.md gives the tuned defaults and how they were found).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+from torch import Tensor
+
+from recon_server.recon.fft import ifft2c
+from recon_server.recon.sense import SenseOperator
+
+__all__ = [
+    "CG_SENSE_ITERS",
+    "CG_SENSE_LAMBDA",
+    "L1_WAVELET_ITERS",
+    "L1_WAVELET_LAMBDA",
+    "WAVELETS",
+    "cg_sense",
+    "conjugate_gradient",
+    "data_scale",
+    "l1_wavelet",
+    "rss",
+    "wavelet_forward",
+    "wavelet_inverse",
+    "zero_filled",
+]
+
+# Defaults tuned on simulated brain slices at R = 2..6 (docs/recon.md, benchmarks/bench_recon.py --tune).
+CG_SENSE_LAMBDA = 1e-2
+CG_SENSE_ITERS = 30
+L1_WAVELET_LAMBDA = 2e-3
+L1_WAVELET_ITERS = 60
+
+# Orthogonal wavelet decomposition low-pass filters (Daubechies, pywt's ``dec_lo`` order).
+WAVELETS: dict[str, tuple[float, ...]] = {
+    "haar": (0.7071067811865476, 0.7071067811865476),
+    "db2": (-0.12940952255126037, 0.2241438680420134, 0.8365163037378079, 0.48296291314453416),
+    "db4": (
+        -0.010597401785069032,
+        0.0328830116668852,
+        0.030841381835560764,
+        -0.18703481171909309,
+        -0.027983769416859854,
+        0.6308807679298589,
+        0.7148465705529157,
+        0.2303778133088965,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_inputs(kspace: Tensor, maps: Tensor | None = None) -> None:
+    if not isinstance(kspace, Tensor) or kspace.ndim != 4:
+        shape = tuple(getattr(kspace, "shape", ()))
+        raise ValueError(f"kspace must be a tensor (slices, coils, ky, kx), got shape {shape}")
+    if not kspace.is_complex():
+        raise ValueError(f"kspace must be complex, got dtype {kspace.dtype}")
+    if not bool(torch.isfinite(torch.view_as_real(kspace)).all()):
+        raise ValueError("k-space contains NaN or inf")
+    if maps is not None and tuple(maps.shape) != tuple(kspace.shape):
+        raise ValueError(f"maps shape {tuple(maps.shape)} does not match k-space shape {tuple(kspace.shape)}")
+
+
+# --------------------------------------------------------------------------- direct methods
+
+
+def zero_filled(kspace: Tensor, maps: Tensor) -> Tensor:
+    """Coil-combined zero-filled image ``x = S^H F^H y`` ``(slices, ky, kx)``, complex."""
+    _check_inputs(kspace, maps)
+    return (maps.conj() * ifft2c(kspace)).sum(dim=-3)
+
+
+def rss(kspace: Tensor) -> Tensor:
+    """Root-sum-of-squares magnitude ``sqrt(sum_c |F^H y_c|^2)`` over the coil axis (-3), real."""
+    if kspace.ndim < 3:
+        raise ValueError(f"kspace must be (..., coils, ky, kx), got shape {tuple(kspace.shape)}")
+    img = torch.view_as_real(ifft2c(kspace))
+    return img.square().sum(dim=(-1, -4)).sqrt()
+
+
+def data_scale(image: Tensor) -> Tensor:
+    """Per-slice robust scale ``(slices, 1, 1)``: 99th percentile of ``|image|`` (1 if it is 0)."""
+    mag = image.abs().flatten(1).float()
+    q = torch.quantile(mag, 0.99, dim=1)
+    q = torch.where(q > 0, q, mag.amax(dim=1))
+    return torch.where(q > 0, q, torch.ones_like(q))[:, None, None]
+
+
+# --------------------------------------------------------------------------- CG
+
+
+def conjugate_gradient(
+    normal_op: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    *,
+    iters: int = CG_SENSE_ITERS,
+    tol: float = 1e-6,
+    x0: Tensor | None = None,
+    dims: tuple[int, ...] | None = None,
+    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Solve ``N x = b`` for Hermitian positive (semi-)definite ``N`` by conjugate gradients.
+
+    ``normal_op(x)`` applies ``N``; ``rhs`` is ``b``. ``dims``: the axes an inner product sums
+    over; the remaining (leading) axes hold independent systems with their own step sizes
+    (e.g. ``dims=(-2, -1)`` for one system per slice); None sums over everything (one system).
+    Stops after ``iters`` iterations or when every system has ``||r|| <= tol ||b||``.
+    ``callback(iteration, x, residual_norm)`` is called after each iteration.
+    """
+    red = tuple(range(rhs.ndim)) if dims is None else tuple(d % rhs.ndim for d in dims)
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a.conj() * b).real.sum(dim=red, keepdim=True)
+
+    x = torch.zeros_like(rhs) if x0 is None else x0.clone()
+    r = rhs - normal_op(x) if x0 is not None else rhs.clone()
+    p = r.clone()
+    rr = dot(r, r)
+    stop = (tol**2) * dot(rhs, rhs)
+    for it in range(iters):
+        if bool((rr <= stop).all()):
+            break
+        ap = normal_op(p)
+        pap = dot(p, ap)
+        alpha = torch.where(pap > 0, rr / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = dot(r, r)
+        beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), torch.zeros_like(rr))
+        p = r + beta * p
+        rr = rr_new
+        if callback is not None:
+            callback(it, x, rr.sqrt())
+    return x
+
+
+def cg_sense(
+    kspace: Tensor,
+    maps: Tensor,
+    mask: Tensor | np.ndarray,
+    *,
+    lam: float = CG_SENSE_LAMBDA,
+    iters: int = CG_SENSE_ITERS,
+    tol: float = 1e-5,
+) -> Tensor:
+    """CG-SENSE: ``argmin_x ||A x - y||^2 + lam ||x||^2`` via CG on ``(A^H A + lam I) x = A^H y``.
+
+    ``A = M F S`` (:class:`SenseOperator`). ``lam`` refers to the per-slice normalised data (module
+    docstring); with unit-norm coil maps ``A^H A`` has eigenvalues in ``[0, 1]``. One CG system per
+    slice. Returns complex ``(slices, ky, kx)``.
+    """
+    _check_inputs(kspace, maps)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    op = SenseOperator(maps, mask)
+    rhs = op.adjoint(kspace)
+    scale = data_scale(rhs)
+    rhs = rhs / scale
+    x = conjugate_gradient(lambda v: op.normal(v) + lam * v, rhs, iters=iters, tol=tol, dims=(-2, -1))
+    return x * scale
+
+
+# --------------------------------------------------------------------------- wavelets
+
+
+def _filters(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Analysis filters as conv2d weights: along columns ``(2, 1, 1, L)``, along rows ``(2, 1, L, 1)``.
+
+    Correlation form: ``low[k] = sum_n h[n] x[2k + n]`` with ``h`` the reversed decomposition
+    low-pass, ``g[n] = (-1)^n h[L-1-n]`` the matching high-pass (an orthogonal QMF pair).
+    """
+    if name not in WAVELETS:
+        raise ValueError(f"unknown wavelet {name!r}; known: {sorted(WAVELETS)}")
+    h = torch.tensor(WAVELETS[name][::-1], dtype=torch.float64)
+    sign = torch.tensor([(-1.0) ** n for n in range(h.numel())], dtype=torch.float64)
+    pair = torch.stack([h, sign * h.flip(0)]).to(device=device, dtype=dtype)  # (2, L)
+    return pair[:, None, None, :], pair[:, None, :, None]
+
+
+def _dwt2_level(x: Tensor, w_cols: Tensor, w_rows: Tensor) -> Tensor:
+    """One periodic level of real ``(B, 1, H, W)`` -> ``(B, 4, H/2, W/2)``; band 0 = approximation.
+
+    Band index ``2 bw + bh``: ``bw``/``bh`` = low(0)/high(1) filter along columns/rows.
+    """
+    taps = w_cols.shape[-1]
+    b, _, h, w = x.shape
+    cols = F.conv2d(F.pad(x, (0, taps - 2, 0, 0), mode="circular"), w_cols, stride=(1, 2))
+    cols = cols.reshape(b * 2, 1, h, w // 2)
+    both = F.conv2d(F.pad(cols, (0, 0, 0, taps - 2), mode="circular"), w_rows, stride=(2, 1))
+    return both.reshape(b, 4, h // 2, w // 2)
+
+
+def _idwt2_level(c: Tensor, w_cols: Tensor, w_rows: Tensor) -> Tensor:
+    """Adjoint (= inverse) of :func:`_dwt2_level`: transposed convolutions, then wrap the tail."""
+    taps = w_cols.shape[-1]
+    b, _, h2, w2 = c.shape
+    h, w = 2 * h2, 2 * w2
+    rows = F.conv_transpose2d(c.reshape(b * 2, 2, h2, w2), w_rows, stride=(2, 1))  # (2b, 1, h+L-2, w2)
+    rows = torch.cat([rows[:, :, : taps - 2] + rows[:, :, h:], rows[:, :, taps - 2 : h]], dim=2)
+    cols = F.conv_transpose2d(rows.reshape(b, 2, h, w2), w_cols, stride=(1, 2))  # (b, 1, h, w+L-2)
+    return torch.cat([cols[..., : taps - 2] + cols[..., w:], cols[..., taps - 2 : w]], dim=3)
+
+
+def _levels(shape: tuple[int, int], levels: int, taps: int) -> int:
+    ny, nx = shape
+    done = 0
+    while done < levels and ny % 2 == 0 and nx % 2 == 0 and min(ny, nx) >= max(taps, 4):
+        ny, nx, done = ny // 2, nx // 2, done + 1
+    return done
+
+
+def _to_planes(x: Tensor) -> Tensor:
+    """``(..., H, W)`` real/complex -> real ``(B, 1, H, W)`` (complex: re/im as separate planes)."""
+    planes = torch.view_as_real(x).movedim(-1, -3) if x.is_complex() else x
+    return planes.reshape(-1, 1, x.shape[-2], x.shape[-1])
+
+
+def _from_planes(y: Tensor, lead: tuple[int, ...], complex_: bool) -> Tensor:
+    """Inverse of :func:`_to_planes` for ``(B, K, h, w)`` -> ``(..., K, h, w)`` (K kept)."""
+    k, h, w = y.shape[1:]
+    if not complex_:
+        return y.reshape(*lead, k, h, w)
+    return torch.view_as_complex(y.reshape(*lead, 2, k, h, w).movedim(-4, -1).contiguous())
+
+
+def wavelet_forward(x: Tensor, *, wavelet: str = "db4", levels: int = 4) -> tuple[Tensor, list[Tensor]]:
+    """Orthogonal periodic 2-D DWT of the last two axes.
+
+    Returns ``(approximation, details)``: ``approximation`` is ``(..., H/2^J, W/2^J)``,
+    ``details[i]`` is ``(..., 3, H/2^(i+1), W/2^(i+1))`` (finest first). Fewer than ``levels``
+    levels are used when a dimension becomes odd or shorter than the filter. Real or complex
+    input (the filters are real: complex data transform per component).
+    """
+    lead = tuple(x.shape[:-2])
+    real = x.real.dtype if x.is_complex() else x.dtype
+    w_cols, w_rows = _filters(wavelet, real, x.device)
+    a = _to_planes(x)
+    details: list[Tensor] = []
+    for _ in range(_levels((x.shape[-2], x.shape[-1]), levels, w_cols.shape[-1])):
+        bands = _dwt2_level(a, w_cols, w_rows)
+        a = bands[:, :1]
+        details.append(_from_planes(bands[:, 1:], lead, x.is_complex()))
+    return _from_planes(a, lead, x.is_complex())[..., 0, :, :], details
+
+
+def wavelet_inverse(approximation: Tensor, details: list[Tensor], *, wavelet: str = "db4") -> Tensor:
+    """Inverse (= adjoint) of :func:`wavelet_forward`."""
+    lead = tuple(approximation.shape[:-2])
+    is_complex = approximation.is_complex()
+    real = approximation.real.dtype if is_complex else approximation.dtype
+    w_cols, w_rows = _filters(wavelet, real, approximation.device)
+    a = _to_planes(approximation)
+    for d in reversed(details):
+        dp = torch.view_as_real(d).movedim(-1, -4) if is_complex else d
+        dp = dp.reshape(-1, 3, d.shape[-2], d.shape[-1])
+        a = _idwt2_level(torch.cat([a, dp], dim=1), w_cols, w_rows)
+    return _from_planes(a, lead, is_complex)[..., 0, :, :]
+
+
+def _soft(x: Tensor, thresh: float) -> Tensor:
+    """Complex soft thresholding: shrink the magnitude by ``thresh``, keep the phase."""
+    mag = x.abs()
+    return x * (mag - thresh).clamp_min(0) / mag.clamp_min(torch.finfo(mag.dtype).tiny)
+
+
+def _max_eig(normal: Callable[[Tensor], Tensor], like: Tensor, *, iters: int = 15, seed: int = 0) -> float:
+    """Largest eigenvalue of a Hermitian PSD operator by power iteration (for the FISTA step)."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    v = torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+    eig = 1.0
+    for _ in range(iters):
+        w = normal(v)
+        eig = float(torch.linalg.vector_norm(w) / torch.linalg.vector_norm(v).clamp_min(1e-30))
+        v = w / torch.linalg.vector_norm(w).clamp_min(1e-30)
+    return eig
+
+
+# --------------------------------------------------------------------------- L1-wavelet
+
+
+def l1_wavelet(
+    kspace: Tensor,
+    maps: Tensor,
+    mask: Tensor | np.ndarray,
+    *,
+    lam: float = L1_WAVELET_LAMBDA,
+    iters: int = L1_WAVELET_ITERS,
+    wavelet: str = "db4",
+    levels: int = 4,
+) -> Tensor:
+    """L1-wavelet CS: ``argmin_x 1/2 ||A x - y||^2 + lam ||Psi_d x||_1`` by FISTA.
+
+    ``Psi`` is the orthogonal periodic 2-D DWT (:func:`wavelet_forward`); ``Psi_d`` its detail
+    bands (the coarse approximation is not penalised); complex coefficients are shrunk in
+    magnitude. Step ``1/L`` with ``L`` the largest eigenvalue of ``A^H A`` (power iteration).
+    ``lam`` refers to the per-slice normalised data (module docstring). Starts from the
+    zero-filled image. Returns complex ``(slices, ky, kx)``.
+    """
+    _check_inputs(kspace, maps)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    op = SenseOperator(maps, mask)
+    aty = op.adjoint(kspace)
+    scale = data_scale(aty)
+    aty = aty / scale
+    step = 1.0 / max(_max_eig(op.normal, aty) * 1.01, 1e-12)
+
+    def prox(v: Tensor) -> Tensor:
+        a, details = wavelet_forward(v, wavelet=wavelet, levels=levels)
+        return wavelet_inverse(a, [_soft(d, lam * step) for d in details], wavelet=wavelet)
+
+    x = aty.clone()
+    z = x
+    t = 1.0
+    for _ in range(iters):
+        x_new = prox(z - step * (op.normal(z) - aty))
+        t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        z = x_new + ((t - 1.0) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x * scale
