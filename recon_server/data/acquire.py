@@ -1,0 +1,599 @@
+"""Simulated acquisition: slice geometry, coil sensitivities, noise, k-space, and the subject files.
+
+One subject (:func:`simulate_subject`):
+
+1. Anatomy (:mod:`.phantom`) sampled at the pixel centres of a 2-D multi-slice axial stack,
+   ISMRMRD geometry: readout (columns) left-right, phase encode (rows) anterior-posterior,
+   ``read_dir = (1, 0, 0)``, ``phase_dir = (0, 1, 0)``, ``slice_dir = (0, 0, 1)`` in LPS, tilted
+   about the readout axis by ``tilt_deg``; pixel ``(row i, col j)`` of slice ``s`` lies at
+   ``position_s + (j - nx/2 + 0.5) dx read_dir + (i - ny/2 + 0.5) dy phase_dir``.
+2. Truth ``x = (sum_k p_k S_k) * bias * exp(i phi)`` (:mod:`.contrast`; ``phi`` a smooth
+   quadratic background phase per slice).
+3. Coils: Biot-Savart fields of circular loops (24 segments, radius set by the spacing) on an
+   elliptic cylinder around the head (1, 2 or 4 rings), ``S_c ~ B_x - i B_y``, computed on a
+   24 x 24 grid per slice, upsampled bicubically, and normalised so ``sum_c |S_c|^2 = 1``.
+4. K-space ``y_c = F(pad_x(S_c x)) + n_c``: the image is zero padded along the readout by the
+   oversampling factor (encodedSpace x = ``os * nx``), ``F`` the centred orthonormal 2-D FFT.
+   Noise ``n = sigma L w``, ``w ~ CN(0, I)``, coil covariance ``Psi = L L^H`` with mean diagonal
+   1 and correlations about 0.1-0.3; ``sigma = mean(|x| in WM) / SNR``. The noise scan holds
+   ``sigma L w`` samples too.
+5. Undersampling: the fastMRI equispaced mask (:mod:`.masks`); ``raw.h5`` holds only the
+   acquired lines (the same noisy samples as ``reference.h5``, which holds every line).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from ismrmrd import xsd
+from xsdata.models.datatype import XmlDate, XmlTime
+
+from recon_server.data import contrast as cmod
+from recon_server.data import phantom
+from recon_server.data.ismrmrd_io import new_acquisition_headers, write_raw
+from recon_server.data.masks import default_center_fraction, equispaced_mask
+from recon_server.recon.fft import fft2c
+from recon_server.scan import SliceGeometry
+
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
+READ_DIR = np.array([1.0, 0.0, 0.0])
+PHASE_DIR = np.array([0.0, 1.0, 0.0])
+SLICE_DIR = np.array([0.0, 0.0, 1.0])
+NOISE_ACQUISITIONS = 4
+LARMOR_3T_HZ = 127_740_000
+BANDWIDTH_HZ_PER_PIXEL = 200.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Settings of one simulated data set (validated on construction).
+
+    ``snr`` None draws 30-40 per subject. ``tr``/``te``/``ti`` (ms) override the protocol draw.
+    ``lesion_count`` None draws 1-3 when ``lesions`` is set.
+    """
+
+    contrast: str = "FLAIR"
+    matrix: int = 256
+    slices: int = 16
+    coils: int = 16
+    acceleration: int = 4
+    lesions: bool = False
+    lesion_count: int | None = None
+    snr: float | None = None
+    fov_mm: float = 240.0
+    slice_thickness_mm: float = 5.0
+    readout_oversampling: int = 2
+    tilt_deg: float = 0.0
+    center_fraction: float | None = None
+    tr: float | None = None
+    te: float | None = None
+    ti: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "contrast", cmod.check_contrast(self.contrast))
+        if self.matrix < 16 or self.matrix % 2:
+            raise ValueError(f"matrix must be an even number >= 16, got {self.matrix}")
+        if not 1 <= self.slices <= 128:
+            raise ValueError(f"slices must be in [1, 128], got {self.slices}")
+        if not 1 <= self.coils <= 64:
+            raise ValueError(f"coils must be in [1, 64], got {self.coils}")
+        if self.readout_oversampling not in (1, 2):
+            raise ValueError(f"readout_oversampling must be 1 or 2, got {self.readout_oversampling}")
+        if self.snr is not None and not self.snr > 0:
+            raise ValueError(f"snr must be positive, got {self.snr}")
+        if not 100.0 <= self.fov_mm <= 400.0:
+            raise ValueError(f"fov_mm must be in [100, 400], got {self.fov_mm}")
+        if not 0.5 <= self.slice_thickness_mm <= 20.0:
+            raise ValueError(f"slice_thickness_mm must be in [0.5, 20], got {self.slice_thickness_mm}")
+        if abs(self.tilt_deg) > 45.0:
+            raise ValueError(f"tilt_deg must be within +-45, got {self.tilt_deg}")
+        # Mask and timing checks raise their own ValueErrors early.
+        equispaced_mask(self.matrix, self.acceleration, center_fraction=self.center_fraction, offset=0)
+        cmod.draw_sequence(self.contrast, np.random.default_rng(0), tr=self.tr, te=self.te, ti=self.ti)
+
+
+@dataclass
+class SimulatedSubject:
+    """Everything one subject's files are written from (arrays as described in the module doc).
+
+    truth ``(slices, ny, nx)`` complex64; maps ``(slices, coils, ny, nx)`` complex64; kspace
+    ``(slices, coils, ny, os*nx)`` complex64 (every line, noisy); noise ``(coils, samples)``;
+    lines bool ``(ny,)`` acquired phase-encode lines; acs ``(start, stop)``; labels: tissue
+    fractions and ``LESION`` ``(slices, ny, nx)`` float32.
+    """
+
+    subject_id: str
+    config: SimulationConfig
+    truth: np.ndarray
+    maps: np.ndarray
+    kspace: np.ndarray
+    noise: np.ndarray
+    lines: np.ndarray
+    imaging_lines: np.ndarray
+    acs: tuple[int, int]
+    geometry: list[SliceGeometry]
+    sequence: cmod.Sequence
+    labels: dict[str, np.ndarray]
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def _streams(seed: int, index: int) -> dict[str, np.random.Generator]:
+    """Independent generators per purpose, so that e.g. the contrast does not change the anatomy."""
+    names = ("anatomy", "tissue", "sequence", "lesion", "slab", "phase", "coils", "noise", "mask", "meta")
+    return {n: np.random.default_rng([int(seed), int(index), k]) for k, n in enumerate(names)}
+
+
+def slice_stack(
+    config: SimulationConfig, centre_lps: np.ndarray, rng: np.random.Generator
+) -> tuple[list[SliceGeometry], np.ndarray]:
+    """Slice geometry and pixel centres ``(slices, ny, nx, 3)`` (LPS mm) of the axial stack.
+
+    The slab (spacing ``90 mm / slices``, at least the thickness) is centred on ``centre_lps``
+    with a random offset of +-3 mm along the slice normal and +-4 mm in plane.
+    """
+    tilt = np.deg2rad(config.tilt_deg)
+    read = READ_DIR
+    phase = np.cos(tilt) * PHASE_DIR + np.sin(tilt) * SLICE_DIR
+    normal = np.cross(read, phase)
+    spacing = max(phantom.SLAB_COVERAGE_MM / config.slices, config.slice_thickness_mm)
+    offset = rng.uniform(-3, 3) * normal + rng.uniform(-4, 4) * read + rng.uniform(-4, 4) * phase
+    n, s = config.matrix, config.slices
+    dx = config.fov_mm / n
+    centres = centre_lps + offset + np.outer(np.arange(s) - (s - 1) / 2.0, spacing * normal)
+    u = (np.arange(n) - n / 2 + 0.5) * dx
+    pixels = (
+        centres[:, None, None, :]
+        + u[None, None, :, None] * read[None, None, None, :]
+        + u[None, :, None, None] * phase[None, None, None, :]
+    )
+    fov = (config.fov_mm, config.fov_mm, config.slice_thickness_mm)
+    geometry = [
+        SliceGeometry(
+            position=tuple(float(v) for v in c),  # type: ignore[arg-type]
+            read_dir=tuple(float(v) for v in read),  # type: ignore[arg-type]
+            phase_dir=tuple(float(v) for v in phase),  # type: ignore[arg-type]
+            slice_dir=tuple(float(v) for v in normal),  # type: ignore[arg-type]
+            fov_mm=fov,
+            slice_index=k,
+        )
+        for k, c in enumerate(centres)
+    ]
+    return geometry, pixels.astype(np.float32)
+
+
+def coil_sensitivities(
+    pixels_lps: np.ndarray, centre_lps: np.ndarray, coils: int, rng: np.random.Generator, *, coarse: int = 24
+) -> np.ndarray:
+    """Loop-coil receive maps ``(slices, coils, ny, nx)`` complex64, ``sum_c |S_c|^2 = 1``.
+
+    Loops of ``coils`` elements on an elliptic cylinder (semi-axes ~105 mm LR, ~125 mm AP, rings
+    50 mm apart along z) around ``centre_lps``; Biot-Savart ``B(r) = sum dl x (r - m) / |r - m|^3``
+    on a coarse grid, ``S_c = (B_x - i B_y) e^{i theta_c}``, bicubic upsampling, normalisation.
+    """
+    s, ny, nx, _ = pixels_lps.shape
+    iy = np.linspace(0, ny - 1, coarse).round().astype(int)
+    ix = np.linspace(0, nx - 1, coarse).round().astype(int)
+    pts = pixels_lps[:, iy][:, :, ix] - centre_lps  # (S, g, g, 3) relative to the head centre
+    rings = 1 if coils <= 8 else (2 if coils <= 20 else 4)
+    per_ring = [coils // rings + (1 if r < coils % rings else 0) for r in range(rings)]
+    ax, ay = 105.0 * rng.uniform(0.95, 1.05), 125.0 * rng.uniform(0.95, 1.05)
+    seg = np.linspace(0, 2 * np.pi, 25)[:-1]
+    fields = []
+    for r, count in enumerate(per_ring):
+        z0 = (r - (rings - 1) / 2.0) * 50.0 + rng.uniform(-5, 5)
+        radius = min(55.0, 0.9 * np.pi * (ax + ay) / 2.0 / max(count, 1))
+        start = rng.uniform(0, 2 * np.pi)
+        for k in range(count):
+            th = start + 2 * np.pi * k / count
+            centre = np.array([ax * np.cos(th), ay * np.sin(th), z0])
+            normal = np.array([np.cos(th) / ax, np.sin(th) / ay, 0.0])
+            normal /= np.linalg.norm(normal)
+            tangent = np.array([-normal[1], normal[0], 0.0])
+            axial = np.array([0.0, 0.0, 1.0])
+            wire = centre + radius * (np.cos(seg)[:, None] * tangent + np.sin(seg)[:, None] * axial)
+            dl = np.roll(wire, -1, axis=0) - wire
+            mid = wire + dl / 2
+            rel = pts[..., None, :] - mid  # (S, g, g, segments, 3)
+            dist3 = np.linalg.norm(rel, axis=-1, keepdims=True) ** 3
+            b = (np.cross(dl, rel) / np.maximum(dist3, 1.0)).sum(-2)
+            fields.append((b[..., 0] - 1j * b[..., 1]) * np.exp(1j * rng.uniform(0, 2 * np.pi)))
+    coarse_maps = torch.from_numpy(np.stack(fields, axis=1).astype(np.complex64))  # (S, C, g, g)
+    # Separable bicubic upsampling as two small matrix products (cheaper than interpolate).
+    wy = _interp_matrix(ny, coarse).to(torch.complex64)
+    wx = _interp_matrix(nx, coarse).to(torch.complex64)
+    maps = wy @ coarse_maps @ wx.T
+    rss = torch.view_as_real(maps).square().sum(dim=(1, -1), keepdim=False).sqrt().clamp_min(1e-12)
+    maps = maps / rss[:, None]
+    return maps.numpy()
+
+
+def noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
+    """``L`` with ``Psi = L L^H``: identity plus weak random coupling, per-coil gains 0.85-1.15,
+    scaled so that ``mean(diag(Psi)) = 1``."""
+    g = (rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils))) / np.sqrt(2)
+    mix = np.eye(coils) + 0.12 * g
+    mix = mix * rng.uniform(0.85, 1.15, size=(coils, 1))
+    mix /= np.sqrt(np.real(np.trace(mix @ mix.conj().T)) / coils)
+    return mix.astype(np.complex64)
+
+
+def _complex_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """``CN(0, 1)`` samples (real and imaginary parts ``N(0, 1/2)``), complex64.
+
+    Drawn by torch (about twice as fast as numpy here) from a generator seeded by ``rng``.
+    """
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+    return torch.randn(shape, dtype=torch.complex64, generator=gen)
+
+
+def _interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """``(n_out, n_in)`` bicubic interpolation weights (``align_corners=True``), real float32."""
+    eye = torch.eye(n_in, dtype=torch.float32)[:, None, :, None]  # (n_in, 1, n_in, 1)
+    w = torch.nn.functional.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=True)
+    return w[:, 0, :, 0].T.contiguous()
+
+
+def _background_phase(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth phase per slice: ``a0(z) + a1 x + a2 y + a3 x^2 + a4 y^2 + a5 x y`` (x, y in [-1, 1])."""
+    s, ny, nx = shape
+    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    a = rng.normal(0.0, [np.pi, 0.6, 0.6, 0.5, 0.5, 0.4])
+    drift = rng.normal(0.0, 0.3)
+    z = np.linspace(-1, 1, s)[:, None, None]
+    phi = a[0] + drift * z + a[1] * x + a[2] * y + a[3] * x * x + a[4] * y * y + a[5] * x * y
+    return phi.astype(np.float32)
+
+
+def render_truth(
+    labels: dict[str, np.ndarray],
+    seq: cmod.Sequence,
+    tissues: dict[str, cmod.Tissue],
+    gd: dict[str, float],
+    lesions: list[cmod.Lesion],
+    lesion_maps: list[np.ndarray],
+) -> np.ndarray:
+    """Real signal ``sum_k p_k S_k`` (lesions replace GM/WM fractions), float32 ``(slices, ny, nx)``."""
+    shape = labels["WM"].shape
+    image = np.zeros(shape, np.float32)
+    post = seq.contrast == "T1POST"
+    for name in phantom.TISSUES:
+        agent = gd.get(name, 0.0) if post else 0.0
+        image += labels[name] * np.float32(cmod.signal(seq, tissues[name], agent))
+    remaining = {p: labels[p].copy() for p in ("GM", "WM")}
+    for lesion, frac in zip(lesions, lesion_maps, strict=True):
+        for parent in ("GM", "WM"):
+            moved = frac * remaining[parent]
+            remaining[parent] -= moved
+            s_parent = cmod.signal(seq, tissues[parent])
+            s_lesion = cmod.signal(seq, cmod.lesion_tissue(tissues[parent], lesion))
+            image += moved * np.float32(s_lesion - s_parent)
+    return image
+
+
+def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> SimulatedSubject:
+    """Simulate subject ``index`` of the data set with ``seed`` (deterministic for both)."""
+    rng = _streams(seed, index)
+    seeds = phantom.load_seeds()
+    params = phantom.draw_anatomy(rng["anatomy"], seeds=seeds)
+    seq = cmod.draw_sequence(config.contrast, rng["sequence"], tr=config.tr, te=config.te, ti=config.ti)
+    tissues = cmod.draw_tissues(rng["tissue"])
+    gd = cmod.draw_gadolinium(rng["tissue"])
+    lesions = cmod.draw_lesions(rng["lesion"], count=config.lesion_count) if config.lesions else []
+    centre_lps = phantom.slab_centre_subject(params) * _LPS_TO_RAS  # RAS <-> LPS flips x and y
+    geometry, pixels = slice_stack(config, centre_lps, rng["slab"])
+    slice_dir = np.asarray(geometry[0].slice_dir, np.float32) * _LPS_TO_RAS
+    anatomy = phantom.sample_anatomy(
+        pixels * _LPS_TO_RAS, slice_dir, config.slice_thickness_mm, params, seeds=seeds
+    )
+    lesion_maps = [cmod.lesion_fraction(anatomy.template_points, les).mean(axis=1) for les in lesions]
+    labels = dict(anatomy.fractions)
+    parenchyma = labels["GM"] + labels["WM"]
+    labels["LESION"] = np.zeros_like(parenchyma)
+    for frac in lesion_maps:
+        labels["LESION"] = np.maximum(labels["LESION"], frac * parenchyma)
+    magnitude = render_truth(anatomy.fractions, seq, tissues, gd, lesions, lesion_maps) * anatomy.bias
+    truth = (magnitude * np.exp(1j * _background_phase(magnitude.shape, rng["phase"]))).astype(np.complex64)
+    maps = coil_sensitivities(pixels, centre_lps, config.coils, rng["coils"])
+
+    wm = labels["WM"] > 0.9
+    signal_wm = float(np.abs(truth[wm]).mean()) if wm.any() else float(np.abs(truth).max())
+    snr = float(config.snr) if config.snr is not None else float(rng["noise"].uniform(30.0, 40.0))
+    sigma = signal_wm / snr
+    mix = torch.from_numpy(noise_mixing(config.coils, rng["noise"]))
+    s, n = config.slices, config.matrix
+    nx_os = n * config.readout_oversampling
+    coil_images = torch.from_numpy(maps) * torch.from_numpy(truth)[:, None]
+    pad = (nx_os - n) // 2
+    kspace = fft2c(torch.nn.functional.pad(coil_images, (pad, pad)))
+    white = _complex_noise(rng["noise"], (s, config.coils, n, nx_os))
+    kspace += sigma * torch.einsum("ij,sjyx->siyx", mix, white)
+    noise_white = _complex_noise(rng["noise"], (config.coils, NOISE_ACQUISITIONS * nx_os))
+    noise = (sigma * (mix @ noise_white)).numpy()
+
+    cf = config.center_fraction
+    if cf is None:
+        cf = default_center_fraction(config.acceleration)
+    lines, imaging, acs = sampling_lines(n, config.acceleration, cf, rng["mask"])
+    meta = _subject_metadata(seed, index, rng["meta"], params.age_years)
+    metadata: dict[str, object] = {
+        **meta,
+        "seed": int(seed),
+        "index": int(index),
+        "contrast": seq.contrast,
+        "sequence": {"TR_ms": seq.TR, "TE_ms": seq.TE, "TI_ms": seq.TI, "type": seq.sequence_type},
+        "tissues": {k: {"T1_ms": v.T1, "T2_ms": v.T2, "PD": v.PD} for k, v in tissues.items()},
+        "gadolinium_mM": gd if seq.contrast == "T1POST" else {},
+        "lesions": [cmod.lesion_summary(les) for les in lesions],
+        "lesion_count": len(lesions),
+        "lesion_voxels": int((labels["LESION"] > 0.5).sum()),
+        "anatomy": params.summary(),
+        "head_seed": seeds.head_source,
+        "snr_wm": snr,
+        "noise_sigma": sigma,
+        "signal_wm": signal_wm,
+        "matrix": n,
+        "slices": s,
+        "coils": config.coils,
+        "acceleration": config.acceleration,
+        "center_fraction": cf,
+        "acquired_lines": int(lines.sum()),
+        "acs": list(acs),
+        "readout_oversampling": config.readout_oversampling,
+        "fov_mm": config.fov_mm,
+        "slice_thickness_mm": config.slice_thickness_mm,
+        "tilt_deg": config.tilt_deg,
+    }
+    return SimulatedSubject(
+        subject_id=str(meta["subject_id"]),
+        config=config,
+        truth=truth,
+        maps=maps,
+        kspace=kspace.numpy(),
+        noise=noise,
+        lines=lines,
+        imaging_lines=imaging,
+        acs=acs,
+        geometry=geometry,
+        sequence=seq,
+        labels=labels,
+        metadata=metadata,
+    )
+
+
+def sampling_lines(
+    ny: int, acceleration: int, center_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Acquired lines, the regular (imaging) grid lines, and the ACS block ``(start, stop)``.
+
+    The mask is :func:`masks.equispaced_mask`; its outer lines follow a grid of spacing
+    ``R' = R (num_low - N) / (num_low R - N)`` from ``offset``; ACS lines on that grid are
+    calibration-and-imaging lines, the other ACS lines are calibration-only.
+    """
+    num_low = max(1, round(ny * center_fraction))
+    start = (ny - num_low + 1) // 2
+    acs = (start, start + num_low)
+    if acceleration == 1:
+        every = np.ones(ny, dtype=bool)
+        return every, every, acs
+    spacing = acceleration * (num_low - ny) / (num_low * acceleration - ny)
+    offset = int(rng.integers(0, int(np.ceil(spacing))))
+    lines = equispaced_mask(ny, acceleration, center_fraction=center_fraction, offset=offset)
+    grid = np.zeros(ny, dtype=bool)
+    idx = np.round(np.arange(offset, ny - 1, spacing)).astype(np.int64)
+    grid[idx[idx < ny]] = True
+    centre = np.zeros(ny, dtype=bool)
+    centre[acs[0] : acs[1]] = True
+    if not np.array_equal(grid | centre, lines):
+        raise RuntimeError("masks.equispaced_mask no longer follows its documented grid rule")
+    return lines, grid, acs
+
+
+def _uid(rng: np.random.Generator) -> str:
+    """A UUID-derived DICOM UID (``2.25.<128-bit integer>``), deterministic for the generator."""
+    return "2.25." + str(int.from_bytes(rng.bytes(16), "big"))
+
+
+def _subject_metadata(seed: int, index: int, rng: np.random.Generator, age: int) -> dict[str, object]:
+    study_day = dt.date(2025, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
+    study_time = dt.time(int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60)))
+    birth = study_day - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
+    subject_id = f"sub-{index:03d}"
+    return {
+        "subject_id": subject_id,
+        "patient_name": f"SIM^S{seed}{subject_id.upper().replace('-', '')}",
+        "patient_id": f"SIM{seed:06d}{index:04d}",
+        "patient_birthdate": birth.isoformat(),
+        "patient_sex": str(rng.choice(["F", "M"])),
+        "patient_weight_kg": float(np.round(rng.uniform(50, 100), 1)),
+        "study_date": study_day.isoformat(),
+        "study_time": study_time.isoformat(),
+        "study_instance_uid": _uid(rng),
+        "frame_of_reference_uid": _uid(rng),
+        "series_instance_uid_root": _uid(rng),
+        "accession_number": int(rng.integers(10**7, 10**8)),
+        "study_id": str(int(rng.integers(1000, 10000))),
+        "measurement_uid": int(rng.integers(1, 2**31)),
+    }
+
+
+def _bit(flag: int) -> int:
+    return 1 << (flag - 1)
+
+
+FLAG_NOISE = _bit(19)  # ACQ_IS_NOISE_MEASUREMENT
+FLAG_CALIBRATION = _bit(20)  # ACQ_IS_PARALLEL_CALIBRATION
+FLAG_CALIBRATION_AND_IMAGING = _bit(21)  # ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
+FLAG_FIRST_IN_SLICE, FLAG_LAST_IN_SLICE = _bit(7), _bit(8)
+FLAG_FIRST_IN_ENCODE_STEP1, FLAG_LAST_IN_ENCODE_STEP1 = _bit(1), _bit(2)
+FLAG_LAST_IN_MEASUREMENT = _bit(25)
+
+
+def build_header(subject: SimulatedSubject, *, acceleration: int) -> str:
+    """The ISMRMRD XML header (schema classes of ismrmrd-python, so it validates by construction).
+
+    encodedSpace: ``(os * nx, ny, 1)`` over ``(os * FOV, FOV, thickness)``; reconSpace
+    ``(nx, ny, 1)`` over ``(FOV, FOV, thickness)``; limits for kspace_encoding_step_1 and slice
+    with centres ``ny // 2`` and ``slices // 2``; parallel imaging ``R`` x 1, embedded calibration.
+    """
+    cfg, meta, seq = subject.config, subject.metadata, subject.sequence
+    n, s = cfg.matrix, cfg.slices
+    nx_os = n * cfg.readout_oversampling
+
+    def space(nx: int, fov_x: float) -> xsd.encodingSpaceType:
+        return xsd.encodingSpaceType(
+            matrixSize=xsd.matrixSizeType(x=nx, y=n, z=1),
+            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x, y=cfg.fov_mm, z=cfg.slice_thickness_mm),
+        )
+
+    limits = xsd.encodingLimitsType(
+        kspace_encoding_step_0=xsd.limitType(minimum=0, maximum=nx_os - 1, center=nx_os // 2),
+        kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=n - 1, center=n // 2),
+        kspace_encoding_step_2=xsd.limitType(minimum=0, maximum=0, center=0),
+        slice=xsd.limitType(minimum=0, maximum=s - 1, center=s // 2),
+        average=xsd.limitType(minimum=0, maximum=0, center=0),
+        contrast=xsd.limitType(minimum=0, maximum=0, center=0),
+        repetition=xsd.limitType(minimum=0, maximum=0, center=0),
+    )
+    encoding = xsd.encodingType(
+        encodedSpace=space(nx_os, cfg.fov_mm * cfg.readout_oversampling),
+        reconSpace=space(n, cfg.fov_mm),
+        encodingLimits=limits,
+        trajectory=xsd.trajectoryType.CARTESIAN,
+        parallelImaging=xsd.parallelImagingType(
+            accelerationFactor=xsd.accelerationFactorType(
+                kspace_encoding_step_1=acceleration, kspace_encoding_step_2=1
+            ),
+            calibrationMode=xsd.calibrationModeType.EMBEDDED,
+        ),
+        echoTrainLength=1 if seq.sequence_type == "SpinEcho" else 16,
+    )
+    series_description = seq.protocol_name.replace("_", " ")
+    header = xsd.ismrmrdHeader(
+        version=1,
+        subjectInformation=xsd.subjectInformationType(
+            patientName=str(meta["patient_name"]),
+            patientWeight_kg=float(meta["patient_weight_kg"]),  # type: ignore[arg-type]
+            patientID=str(meta["patient_id"]),
+            patientBirthdate=XmlDate.from_string(str(meta["patient_birthdate"])),
+            patientGender=str(meta["patient_sex"]),
+        ),
+        studyInformation=xsd.studyInformationType(
+            studyDate=XmlDate.from_string(str(meta["study_date"])),
+            studyTime=XmlTime.from_string(str(meta["study_time"])),
+            studyID=str(meta["study_id"]),
+            accessionNumber=int(meta["accession_number"]),  # type: ignore[call-overload]
+            studyDescription="BRAIN STROKE (simulated)",
+            studyInstanceUID=str(meta["study_instance_uid"]),
+            bodyPartExamined="BRAIN",
+        ),
+        measurementInformation=xsd.measurementInformationType(
+            measurementID=f"SIM{meta['seed']}_{meta['patient_id']}_{meta['study_id']}_{seq.protocol_name}",
+            seriesDate=XmlDate.from_string(str(meta["study_date"])),
+            seriesTime=XmlTime.from_string(str(meta["study_time"])),
+            patientPosition=xsd.patientPositionType.HFS,
+            initialSeriesNumber=1,
+            protocolName=seq.protocol_name,
+            sequenceName=seq.sequence_type,
+            seriesDescription=series_description,
+            seriesInstanceUIDRoot=str(meta["series_instance_uid_root"]),
+            frameOfReferenceUID=str(meta["frame_of_reference_uid"]),
+        ),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
+            systemVendor="recon-server simulator",
+            systemModel="BrainSim",
+            systemFieldStrength_T=3.0,
+            relativeReceiverNoiseBandwidth=0.793,
+            receiverChannels=cfg.coils,
+            institutionName="Simulation",
+            stationName="SIM3T",
+        ),
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=LARMOR_3T_HZ),
+        encoding=[encoding],
+        sequenceParameters=xsd.sequenceParametersType(
+            TR=[seq.TR],
+            TE=[seq.TE],
+            TI=[seq.TI] if seq.TI > 0 else [],
+            flipAngle_deg=[seq.flip_deg],
+            sequence_type=seq.sequence_type,
+        ),
+        userParameters=xsd.userParametersType(
+            userParameterString=[xsd.userParameterStringType(name="contrast", value=seq.contrast)]
+        ),
+    )
+    return xsd.ToXML(header)
+
+
+def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Acquisition headers and data: noise readouts first, then the imaging and calibration lines.
+
+    Order: for each phase-encode line (ascending), each slice in interleaved order (0, 2, ... 1, 3,
+    ...), as a 2-D multi-slice sequence runs. Flags: NOISE_MEASUREMENT; in the undersampled file
+    PARALLEL_CALIBRATION_AND_IMAGING for ACS lines on the sampling grid and PARALLEL_CALIBRATION
+    for the other ACS lines; FIRST/LAST_IN_SLICE, FIRST/LAST_IN_ENCODE_STEP1, LAST_IN_MEASUREMENT.
+    """
+    cfg = subject.config
+    ny, nx_os = subject.kspace.shape[-2:]
+    lines = np.flatnonzero(subject.lines) if undersampled else np.arange(ny)
+    order = [*range(0, cfg.slices, 2), *range(1, cfg.slices, 2)]
+    n_img = len(lines) * cfg.slices
+    heads = new_acquisition_headers(NOISE_ACQUISITIONS + n_img)
+    dwell_us = 1e6 / (BANDWIDTH_HZ_PER_PIXEL * nx_os)
+    heads["measurement_uid"] = int(subject.metadata["measurement_uid"])  # type: ignore[call-overload]
+    heads["available_channels"] = cfg.coils
+    heads["active_channels"] = cfg.coils
+    heads["number_of_samples"] = nx_os
+    heads["center_sample"] = nx_os // 2
+    heads["sample_time_us"] = dwell_us
+    heads["scan_counter"] = np.arange(1, len(heads) + 1)
+    tr_ticks = max(1, round(subject.sequence.TR / 2.5 / cfg.slices))  # 2.5 ms clock ticks
+    heads["acquisition_time_stamp"] = 1_000_000 + np.arange(len(heads)) * tr_ticks
+    data: list[np.ndarray] = []
+    noise = subject.noise.reshape(cfg.coils, NOISE_ACQUISITIONS, -1)
+    for k in range(NOISE_ACQUISITIONS):
+        heads[k]["flags"] = FLAG_NOISE
+        heads[k]["sample_time_us"] = dwell_us
+        data.append(noise[:, k, :])
+    in_acs = np.zeros(ny, dtype=bool)
+    in_acs[subject.acs[0] : subject.acs[1]] = True
+    row = NOISE_ACQUISITIONS
+    for li, ky in enumerate(lines):
+        for sl in order:
+            h = heads[row]
+            flags = 0
+            if undersampled and in_acs[ky]:
+                flags |= FLAG_CALIBRATION_AND_IMAGING if subject.imaging_lines[ky] else FLAG_CALIBRATION
+            if li == 0:
+                flags |= FLAG_FIRST_IN_SLICE | FLAG_FIRST_IN_ENCODE_STEP1
+            if li == len(lines) - 1:
+                flags |= FLAG_LAST_IN_SLICE | FLAG_LAST_IN_ENCODE_STEP1
+            h["flags"] = flags
+            h["idx"]["kspace_encode_step_1"] = ky
+            h["idx"]["slice"] = sl
+            g = subject.geometry[sl]
+            h["position"], h["read_dir"] = g.position, g.read_dir
+            h["phase_dir"], h["slice_dir"] = g.phase_dir, g.slice_dir
+            data.append(subject.kspace[sl, :, ky, :])
+            row += 1
+    heads[-1]["flags"] |= FLAG_LAST_IN_MEASUREMENT
+    return heads, data
+
+
+def write_subject(subject: SimulatedSubject, directory: str | Path) -> dict[str, Path]:
+    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy`` and
+    ``subject.json`` into ``directory`` (created; existing files replaced)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("raw.h5", "reference.h5", "truth.npy", "subject.json")}
+    files = (("raw.h5", True, subject.config.acceleration), ("reference.h5", False, 1))
+    for name, undersampled, accel in files:
+        paths[name].unlink(missing_ok=True)
+        heads, data = acquisitions(subject, undersampled=undersampled)
+        write_raw(paths[name], build_header(subject, acceleration=accel), heads, data)
+    np.save(paths["truth.npy"], subject.truth)
+    paths["subject.json"].write_text(json.dumps(subject.metadata, indent=1, sort_keys=True) + "\n")
+    return paths
