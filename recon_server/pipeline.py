@@ -12,8 +12,9 @@ Steps of :func:`reconstruct`:
 3. The method from the registry (``recon.methods.get_method``) on a ``ReconProblem``.
 4. Magnitude, scaled so that the 99th percentile of the volume is ``TARGET_P99`` (a stable
    range for uint16 / DICOM); the factor is stored as ``settings["intensity_scale"]``.
-5. Window centre/width from the 0.5th and 99.5th percentiles; series description
-   ``"<protocol or contrast> recon-server <METHOD>"``.
+5. Window centre/width from the 0.5th and 99.5th percentiles; series description = the
+   protocol name (or contrast); the ISMRMRD and DICOM writers both add the same method mark
+   through ``dicom.writer.dicom_series_description``.
 
 :class:`ReconWorker` serialises all reconstructions through one queue and thread (one GPU).
 """
@@ -105,7 +106,7 @@ def reconstruct(scan: KSpaceScan, *, method: str, device: str | torch.device = "
         geometry=list(scan.geometry),
         header_xml=scan.header_xml,
         provenance=Provenance(method=method, settings=settings, software_version=__version__),
-        series_description=f"{label} recon-server {method.upper()}",
+        series_description=label,
         window_center=(lo + hi) / 2,
         window_width=max(hi - lo, 1.0),
         series_index=scan.contrast_index * 1000 + scan.repetition + 1,
@@ -167,5 +168,15 @@ class ReconService:
         volumes = [f.result() for f in futures]
         for volume in volumes:
             for sink in self.sinks:
-                sink(volume)
+                # A failing output (e.g. DICOM refused for missing identifiers) must not cost the
+                # peer its images: log it with the scan id and go on; the sink keeps what it wrote.
+                try:
+                    sink(volume)
+                except (ValueError, OSError) as exc:
+                    log.error(
+                        "measurement %s: output %s failed: %s",
+                        volume.measurement_id,
+                        getattr(sink, "__name__", type(sink).__name__),
+                        exc,
+                    )
         return volumes

@@ -156,6 +156,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_requeue)
 
 
+def _pacs_address(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (called AE, host, port)."""
+    ae, at, rest = text.partition("@")
+    host, colon, port = rest.rpartition(":")
+    if not at or not colon or not ae or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected CALLED_AE@HOST:PORT, got {text!r}")
+    return ae, host, int(port)
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """DICOM output options shared by ``serve`` and ``recon`` (the TOML file comes later)."""
+    group = parser.add_argument_group("DICOM output")
+    group.add_argument("--dicom-dir", type=Path, default=None, help="write each series as DICOM here")
+    group.add_argument(
+        "--spool-dir", type=Path, default=None, help="durable outbox (default DICOM_DIR/spool)"
+    )
+    group.add_argument(
+        "--pacs",
+        type=_pacs_address,
+        action="append",
+        default=[],
+        metavar="CALLED_AE@HOST:PORT",
+        help="send every series to this PACS by C-STORE (repeatable; needs --dicom-dir)",
+    )
+    group.add_argument("--calling-ae", default="RECONSRV", help="our AE title towards the PACS")
+    group.add_argument("--uid-root", default="2.25.", help="root of the UIDs we create")
+    group.add_argument(
+        "--allow-missing-identifiers",
+        action="store_true",
+        help="send series without PatientID / StudyInstanceUID (research PACS only)",
+    )
+
+
+def output_config(args: argparse.Namespace) -> DicomConfig | None:
+    """The :class:`DicomConfig` the options of :func:`add_output_args` ask for, or None."""
+    if args.dicom_dir is None:
+        if args.pacs:
+            raise ValueError("--pacs needs --dicom-dir (every image is written and spooled first)")
+        return None
+    destinations = tuple(
+        PacsDestination(name=f"pacs{i}", host=host, port=port, called_ae=ae, calling_ae=args.calling_ae)
+        for i, (ae, host, port) in enumerate(args.pacs)
+    )
+    return DicomConfig(
+        output_dir=args.dicom_dir,
+        spool_dir=args.spool_dir or args.dicom_dir / "spool",
+        uid_root=args.uid_root,
+        destinations=destinations,
+        allow_missing_identifiers=args.allow_missing_identifiers,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m recon_server.dicom.commands``: this area's subcommands without the rest of
     ``recon-server`` (starts faster: no torch import); same options and exit codes."""

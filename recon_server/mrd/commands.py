@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from recon_server.config import DEFAULT_PORT, ServiceConfig
+from recon_server.dicom.commands import add_output_args, output_config
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for reconstruction")
     p.add_argument("--image-dtype", choices=["float32", "uint16"], default="float32")
     p.add_argument("--output-dir", type=Path, default=None, help="also save each volume here (.npy)")
+    add_output_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("replay", help="stream an ISMRMRD raw file to a server", formatter_class=fmt)
@@ -71,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
     p.add_argument("--method", default=None, help="method (default: per contrast, cg-sense)")
     p.add_argument("--device", default="cpu")
+    add_output_args(p)
+    p.add_argument("--send-timeout", type=float, default=60.0, help="seconds to try sending to the PACS")
     p.set_defaults(func=cmd_recon)
 
 
@@ -86,6 +92,7 @@ def volume_npy_sink(out_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from recon_server.dicom.deliver import SenderWorker, store_series
     from recon_server.mrd.gadget import GadgetronListener
     from recon_server.mrd.server import StreamServer
     from recon_server.pipeline import ReconWorker
@@ -104,8 +111,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.gadgetron_only and config.gadgetron_port is None:
         raise ValueError("--gadgetron-only needs --gadgetron-port")
     sinks = [volume_npy_sink(config.output_dir)] if config.output_dir else []
+    stoppers: list[Callable[[], None]] = []
+    dicom = output_config(args)
+    if dicom is not None:
+        sender = SenderWorker(dicom).start() if dicom.destinations else None
+        sinks.append(functools.partial(store_series, config=dicom, worker=sender))
+        if sender is not None:
+            stoppers.append(functools.partial(sender.stop, 30.0))
+        print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
     worker = ReconWorker(device=config.device, max_pending=config.max_pending_scans)
-    stoppers = []
     if not args.gadgetron_only:
         server = StreamServer(config, sinks=sinks, worker=worker)
         host, port = server.start()
@@ -122,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         done.wait()
     except KeyboardInterrupt:
         pass
-    for stop in stoppers:
+    for stop in reversed(stoppers):
         stop()
     return 0
 
@@ -150,6 +164,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_recon(args: argparse.Namespace) -> int:
     from recon_server.data import ismrmrd_io
+    from recon_server.dicom.deliver import store_series
+    from recon_server.dicom.sender import PacsSender
     from recon_server.mrd.assemble import Assembler
     from recon_server.mrd.replay import to_ismrmrd_images
     from recon_server.mrd.server import volume_to_images
@@ -173,5 +189,20 @@ def cmd_recon(args: argparse.Namespace) -> int:
     ismrmrd_io.write_images(h5, to_ismrmrd_images(images))
     for v in volumes:
         print(f"recon-server recon: {v.series_description}: {v.magnitude.shape} ({v.provenance.settings})")
+    if args.dicom_dir is None:
+        args.dicom_dir = args.out / "dicom"
+    dicom = output_config(args)
+    if dicom is not None:
+        for v in volumes:
+            paths = store_series(v, dicom)
+            print(f"recon-server recon: {len(paths)} DICOM files -> {paths[0].parent}")
+        if dicom.destinations:
+            report = PacsSender(dicom).drain(timeout_s=args.send_timeout)
+            print(
+                f"recon-server recon: PACS: stored {report.stored}, quarantined {report.quarantined}, "
+                f"pending {report.pending} (pending images stay in {dicom.spool_dir})"
+            )
+            if report.pending or report.quarantined:
+                return 1
     print(f"recon-server recon: {stacked.shape[0]} images -> {args.out / 'images.npy'}")
     return 0

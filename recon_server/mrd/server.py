@@ -29,6 +29,7 @@ import ismrmrd
 import numpy as np
 
 from recon_server.config import ServiceConfig
+from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, parse_config_text
 from recon_server.pipeline import ReconService, ReconWorker, Sink
@@ -59,7 +60,7 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
             {
                 "DataRole": "Image",
                 "ImageProcessingHistory": ["RECON-SERVER", volume.provenance.method.upper()],
-                "SeriesDescription": volume.series_description,
+                "SeriesDescription": dicom_series_description(volume),
                 "SequenceDescriptionAdditional": volume.provenance.method,
                 "ImageType": "\\".join(volume.image_type),
                 "WindowCenter": f"{volume.window_center:.3f}",

@@ -83,7 +83,7 @@ def test_ismrmrd_python_client_gets_images(server: StreamServer, shepp_full: Pat
     assert len(images) == 1
     img = images[0]
     assert img.data.shape == (1, 1, 64, 64) and img.data.dtype == np.float32
-    assert img.meta["SeriesDescription"].endswith("recon-server ZERO-FILLED")
+    assert img.meta["SeriesDescription"].endswith("[recon: zero-filled]")
     assert float(img.meta["WindowWidth"]) > 0
     assert img.meta["ImageType"] == "ORIGINAL\\PRIMARY\\OTHER\\M"
     assert nrmse(img.data[0, 0], phantom(shepp_full)) < NRMSE_FULL
