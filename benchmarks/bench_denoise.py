@@ -1,0 +1,84 @@
+"""Denoising quality of trained priors on held-out target slices: the paper's comparison.
+
+For each checkpoint, ``PSNR(D(x + sigma n; sigma, contrast), x)`` at sigma 0.1, 0.5, 1 with fixed
+noise (:func:`recon_server.dpm.train.validate`: complex error, peak of the clean magnitude, mean over
+slices), on the slices of ``--contrast`` in a prepared held-out directory (subjects none of the
+models trained on). Expected ordering (arXiv 2603.13007): pre-trained + fine-tuned on 20 close to
+"many", clearly above "scratch-20" and above "joint".
+
+    .venv/bin/python benchmarks/bench_denoise.py --data HELDOUT_DIR --contrast FLAIR \\
+        --model finetuned=runs/ft/best --model scratch20=runs/scratch/best \\
+        --model many=runs/many/best --model joint=runs/joint/best
+
+Train the four models with (see docs/training.md):
+    recon-server train pretrain --data PRE --contrasts T1,T2,T1POST --out runs/pre ...
+    recon-server train finetune --from runs/pre --data TGT --contrast FLAIR --target-subjects 20 --out runs/ft
+    recon-server train pretrain --data TGT --contrasts FLAIR --max-subjects 20 --out runs/scratch ...
+    recon-server train pretrain --data TGT --contrasts FLAIR --out runs/many ...
+    recon-server train pretrain --data PRE TGT --contrasts T1,T2,T1POST --joint FLAIR --target-subjects 20 \\
+        --out runs/joint ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recon_server.dpm.checkpoint import load_checkpoint
+from recon_server.dpm.train import VAL_SIGMAS, validate
+from recon_server.dpm.trainset import Subset, open_training_set
+from recon_server.dpm.unet import normalise_contrast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import machine  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="prepared held-out slice directory")
+    p.add_argument("--contrast", default="FLAIR")
+    p.add_argument("--model", action="append", required=True, metavar="LABEL=PATH")
+    p.add_argument("--max-slices", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    target = normalise_contrast(args.contrast)
+    ds = open_training_set(args.data)
+    keep = [i for i in range(len(ds)) if ds.info(i).contrast == target]
+    if not keep:
+        raise SystemExit(f"{args.data} has no {target} slices")
+    held_out = Subset(ds, keep)
+    subjects = sorted({ds.info(i).subject for i in keep})
+    print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
+    print(f"machine: {machine()}, device {args.device}  ")
+    n_subj = len(subjects)
+    print(f"held-out: {len(keep)} {target} slices of {n_subj} subjects (up to {args.max_slices} used)\n")
+    cols = " | ".join(f"PSNR@{s:g} dB" for s in VAL_SIGMAS)
+    print(f"| model | checkpoint | train subjects ({target}) | epochs | {cols} | mean | s |")
+    print("|---|---|---:|---:|" + "---:|" * (len(VAL_SIGMAS) + 2))
+    for spec in args.model:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--model needs LABEL=PATH, got {spec!r}")
+        model, card = load_checkpoint(path, device=args.device)
+        model.contrast_index(target)
+        t0 = time.perf_counter()
+        m = validate(model, held_out, batch=args.batch, max_slices=args.max_slices)
+        dt = time.perf_counter() - t0
+        counts = card.training.get("data", {}).get("train_subjects_per_contrast", {})
+        epochs = card.training.get("epochs", float("nan"))
+        values = " | ".join(f"{m[f'psnr@{s:g}']:.2f}" for s in VAL_SIGMAS)
+        print(
+            f"| {label} | {card.name} | {counts.get(target, '?')} | {epochs:.1f} | {values} | "
+            f"{m['psnr_mean']:.2f} | {dt:.1f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

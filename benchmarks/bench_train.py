@@ -1,0 +1,121 @@
+"""Training throughput (images/s) of the EDM U-Net sizes at a given matrix, on CPU and CUDA.
+
+One timed step is exactly what the training loop does per step: EDM loss forward, backward, Adam
+update (bf16 autocast on CUDA, fp32 on CPU), on random 2-channel images of the given size.
+
+    .venv/bin/python benchmarks/bench_train.py                     # demo + paper, 256x256, CPU (+CUDA)
+    .venv/bin/python benchmarks/bench_train.py --sizes demo --devices cuda --cuda-batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recon_server.dpm.edm import EDMLoss
+from recon_server.dpm.unet import build_denoiser, count_parameters
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def time_steps(size: str, device: str, *, batch: int, matrix: int, steps: int, warmup: int) -> dict:
+    dev = torch.device(device)
+    model = build_denoiser(size, ["T1", "T2", "T1POST"], seed=0).to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = EDMLoss()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(batch, 2, matrix, matrix, device=dev, generator=gen) * 0.5
+    labels = torch.nn.functional.one_hot(torch.arange(batch, device=dev) % 3, 3).float()
+    amp = dev.type == "cuda"
+
+    def step() -> float:
+        z, n = loss_fn.draw(x, generator=gen)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model, x, labels, ln_sigma_noise=z, noise=n).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    return {
+        "params": count_parameters(model),
+        "s_per_step": dt / steps,
+        "img_per_s": batch * steps / dt,
+        "peak_gib": peak,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="demo,paper")
+    p.add_argument("--devices", default="cpu,cuda", help="cuda is skipped (with a note) when absent")
+    p.add_argument("--matrix", type=int, default=256)
+    p.add_argument("--cpu-batch", default="demo=4,paper=1", help="per size, e.g. demo=4,paper=1")
+    p.add_argument("--cuda-batch", type=int, default=16)
+    p.add_argument("--cpu-steps", type=int, default=2)
+    p.add_argument("--cuda-steps", type=int, default=20)
+    args = p.parse_args()
+    cpu_batch = dict(kv.split("=") for kv in args.cpu_batch.split(","))
+    print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
+    print(f"machine: {machine()}  ")
+    print(f"matrix: {args.matrix}x{args.matrix}, 2 channels; step = EDM loss fwd + bwd + Adam\n")
+    print("| size | params | device | precision | batch | s/step | images/s | peak GPU GiB |")
+    print("|---|---:|---|---|---:|---:|---:|---:|")
+    for device in args.devices.split(","):
+        if device == "cuda" and not torch.cuda.is_available():
+            print("| (all) | | cuda | | | not available on this machine | | |")
+            continue
+        for size in args.sizes.split(","):
+            cuda = device == "cuda"
+            batch = args.cuda_batch if cuda else int(cpu_batch.get(size, 1))
+            r = time_steps(
+                size,
+                device,
+                batch=batch,
+                matrix=args.matrix,
+                steps=args.cuda_steps if cuda else args.cpu_steps,
+                warmup=3 if cuda else 1,
+            )
+            peak = f"{r['peak_gib']:.1f}" if cuda else ""
+            precision = "bf16 autocast" if cuda else "fp32"
+            print(
+                f"| {size} | {r['params'] / 1e6:.2f}M | {device} | {precision} | {batch} | "
+                f"{r['s_per_step']:.2f} | {r['img_per_s']:.2f} | {peak} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
