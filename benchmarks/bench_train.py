@@ -54,7 +54,7 @@ def time_steps(size: str, device: str, *, batch: int, matrix: int, steps: int, w
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(warmup):
         step()

@@ -106,19 +106,32 @@ class NpySliceSet(Dataset):
         entries = index.get("slices") if isinstance(index, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{index_path}: expected an object with a 'slices' list")
-        self.data = np.load(data_path, mmap_mode="r")
-        if self.data.ndim != 3 or not np.iscomplexobj(self.data):
-            raise ValueError(
-                f"{data_path}: expected complex (N, H, W), got {self.data.dtype} {self.data.shape}"
-            )
-        if len(entries) != self.data.shape[0]:
-            raise ValueError(f"{index_path} has {len(entries)} entries for {self.data.shape[0]} slices")
+        self.data_path = data_path
+        self._data: np.ndarray | None = None
+        data = self.data
+        if data.ndim != 3 or not np.iscomplexobj(data):
+            raise ValueError(f"{data_path}: expected complex (N, H, W), got {data.dtype} {data.shape}")
+        if len(entries) != data.shape[0]:
+            raise ValueError(f"{index_path} has {len(entries)} entries for {data.shape[0]} slices")
         try:
             self.contrasts = [normalise_contrast(e["contrast"]) for e in entries]
             self.subjects = [str(e["subject"]) for e in entries]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{index_path}: every slice needs 'contrast' and 'subject'") from exc
         self.description = str(index.get("description", ""))
+
+    @property
+    def data(self) -> np.ndarray:
+        # Opened lazily per process: a memmap must not be pickled into data-loader workers
+        # (pickling copies the whole array).
+        if self._data is None:
+            self._data = np.load(self.data_path, mmap_mode="r")
+        return self._data
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_data"] = None
+        return state
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,11 +16,14 @@ from recon_server.dpm.edm import EDMLoss
 from recon_server.dpm.schedule import EMA, LRSchedule
 from recon_server.dpm.train import VAL_SEED, TrainConfig, steps_for_epochs, train, validate
 from recon_server.dpm.trainset import (
+    SliceSet,
     StepBatchSampler,
     TensorSliceSet,
     global_batch_positions,
     mix_seed,
+    open_training_set,
     split_subjects,
+    write_npy_slice_set,
 )
 from recon_server.dpm.unet import EDMDenoiser, build_denoiser
 
@@ -206,3 +211,26 @@ def test_validate_is_reproducible(toy_set: TensorSliceSet) -> None:
     psnr0 = 10 * math.log10(peak2 / float((d - x).square().sum(dim=1).mean()))
     one = validate(model, TensorSliceSet(x, ["T1"], ["s"]), sigmas=(0.1,))
     assert one["psnr@0.1"] == pytest.approx(psnr0, abs=0.01)
+
+
+def test_npy_slice_set_format(toy_dir: Path, tmp_path: Path) -> None:
+    ds = open_training_set(toy_dir)
+    assert isinstance(ds, SliceSet) and len(ds) == 18 * 4
+    x, contrast, subject = ds[5]
+    assert x.shape == (2, 16, 16) and x.dtype == torch.float32
+    assert (contrast, subject) == tuple(ds.info(5)) == ("T1", "T1-s01")
+    raw = np.load(toy_dir / "slices.npy")[5]
+    np.testing.assert_array_equal(x.numpy(), np.stack([raw.real, raw.imag]))
+    blob = pickle.dumps(ds)  # what a data-loader worker receives: the path, not the array
+    assert len(blob) < 20_000
+    assert torch.equal(pickle.loads(blob)[5][0], x)
+    bad = tmp_path / "bad"
+    write_npy_slice_set(bad, np.zeros((2, 4, 4), np.complex64), ["T1", "T1"], ["a", "b"])
+    (bad / "index.json").write_text(json.dumps({"slices": [{"contrast": "T1"}] * 2}))
+    with pytest.raises(ValueError, match="'contrast' and 'subject'"):
+        open_training_set(bad)
+    (bad / "index.json").write_text(json.dumps({"slices": [{"contrast": "T1", "subject": "a"}]}))
+    with pytest.raises(ValueError, match="1 entries for 2 slices"):
+        open_training_set(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_training_set(tmp_path / "nowhere")
