@@ -583,17 +583,30 @@ def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.n
     return heads, data
 
 
-def write_subject(subject: SimulatedSubject, directory: str | Path) -> dict[str, Path]:
-    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy`` and
-    ``subject.json`` into ``directory`` (created; existing files replaced)."""
+def write_subject(
+    subject: SimulatedSubject,
+    directory: str | Path,
+    *,
+    files: tuple[str, ...] | list[str] = ("raw", "reference", "truth"),
+) -> dict[str, Path]:
+    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy`` (those named
+    in ``files``) and always ``subject.json`` into ``directory`` (created; files replaced)."""
+    unknown = set(files) - {"raw", "reference", "truth"}
+    if unknown:
+        raise ValueError(f"unknown output files {sorted(unknown)}: expected raw, reference, truth")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("raw.h5", "reference.h5", "truth.npy", "subject.json")}
-    files = (("raw.h5", True, subject.config.acceleration), ("reference.h5", False, 1))
-    for name, undersampled, accel in files:
-        paths[name].unlink(missing_ok=True)
-        heads, data = acquisitions(subject, undersampled=undersampled)
-        write_raw(paths[name], build_header(subject, acceleration=accel), heads, data)
-    np.save(paths["truth.npy"], subject.truth)
-    paths["subject.json"].write_text(json.dumps(subject.metadata, indent=1, sort_keys=True) + "\n")
+    paths: dict[str, Path] = {}
+    raw_files = (("raw", True, subject.config.acceleration), ("reference", False, 1))
+    for name, undersampled, accel in raw_files:
+        if name in files:
+            paths[name] = out / f"{name}.h5"
+            paths[name].unlink(missing_ok=True)  # write_raw appends to an existing file
+            heads, data = acquisitions(subject, undersampled=undersampled)
+            write_raw(paths[name], build_header(subject, acceleration=accel), heads, data)
+    if "truth" in files:
+        paths["truth"] = out / "truth.npy"
+        np.save(paths["truth"], subject.truth)
+    paths["subject"] = out / "subject.json"
+    paths["subject"].write_text(json.dumps(subject.metadata, indent=1, sort_keys=True) + "\n")
     return paths
