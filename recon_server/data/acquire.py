@@ -54,7 +54,9 @@ class SimulationConfig:
     """Settings of one simulated data set (validated on construction).
 
     ``snr`` None draws 30-40 per subject. ``tr``/``te``/``ti`` (ms) override the protocol draw.
-    ``lesion_count`` None draws 1-3 when ``lesions`` is set.
+    ``lesion_count`` None draws 1-3 when ``lesions`` is set. ``acs_calibration_only``: flag the
+    ACS lines off the regular sampling grid PARALLEL_CALIBRATION (calibration only, GRAPPA style)
+    instead of PARALLEL_CALIBRATION_AND_IMAGING (fastMRI style: every acquired line is data).
     """
 
     contrast: str = "FLAIR"
@@ -73,6 +75,7 @@ class SimulationConfig:
     tr: float | None = None
     te: float | None = None
     ti: float | None = None
+    acs_calibration_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "contrast", cmod.check_contrast(self.contrast))
@@ -533,8 +536,9 @@ def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.n
 
     Order: for each phase-encode line (ascending), each slice in interleaved order (0, 2, ... 1, 3,
     ...), as a 2-D multi-slice sequence runs. Flags: NOISE_MEASUREMENT; in the undersampled file
-    PARALLEL_CALIBRATION_AND_IMAGING for ACS lines on the sampling grid and PARALLEL_CALIBRATION
-    for the other ACS lines; FIRST/LAST_IN_SLICE, FIRST/LAST_IN_ENCODE_STEP1, LAST_IN_MEASUREMENT.
+    PARALLEL_CALIBRATION_AND_IMAGING for the ACS lines (with ``acs_calibration_only``: only for
+    those on the sampling grid, PARALLEL_CALIBRATION for the others); FIRST/LAST_IN_SLICE,
+    FIRST/LAST_IN_ENCODE_STEP1, LAST_IN_MEASUREMENT.
     """
     cfg = subject.config
     ny, nx_os = subject.kspace.shape[-2:]
@@ -566,7 +570,8 @@ def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.n
             h = heads[row]
             flags = 0
             if undersampled and in_acs[ky]:
-                flags |= FLAG_CALIBRATION_AND_IMAGING if subject.imaging_lines[ky] else FLAG_CALIBRATION
+                calib_only = cfg.acs_calibration_only and not subject.imaging_lines[ky]
+                flags |= FLAG_CALIBRATION if calib_only else FLAG_CALIBRATION_AND_IMAGING
             if li == 0:
                 flags |= FLAG_FIRST_IN_SLICE | FLAG_FIRST_IN_ENCODE_STEP1
             if li == len(lines) - 1:

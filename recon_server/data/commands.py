@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--lesion-count", type=int, default=None, help="lesions per subject (default 1-3)")
     sim.add_argument("--accel", type=_positive_int, default=4, help="acceleration of raw.h5")
     sim.add_argument("--center-fraction", type=float, default=None, help="ACS fraction (fastMRI default)")
+    sim.add_argument(
+        "--acs-calibration-only",
+        action="store_true",
+        help="flag ACS lines off the sampling grid as calibration-only (GRAPPA style)",
+    )
     sim.add_argument("--matrix", type=int, default=256, help="even in-plane matrix")
     sim.add_argument("--coils", type=_positive_int, default=16)
     sim.add_argument("--slices", type=_positive_int, default=16)
@@ -98,6 +103,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         tr=args.tr,
         te=args.te,
         ti=args.ti,
+        acs_calibration_only=args.acs_calibration_only,
     )
     if args.first_subject < 0:
         raise ValueError(f"--first-subject must be >= 0, got {args.first_subject}")
