@@ -4,11 +4,17 @@ Protocol (:class:`SliceSet`): ``len(ds)``; ``ds[i] -> (x, contrast, subject)`` w
 ``(2, H, W)`` (real, imaginary of a scale-normalised complex slice); ``ds.info(i) -> SliceInfo``
 giving contrast and subject without loading the image (used to split subjects).
 
-On-disk fallback format (used when ``recon_server.data.slices`` does not provide a loader)::
+On-disk format: the one ``recon-server prepare-data`` writes (:mod:`recon_server.data.slices`)::
 
-    DIR/slices.npy    complex64 (N, H, W), scale-normalised (99th percentile of |x| -> 1), memmapped
-    DIR/index.json    {"slices": [{"contrast": "T1", "subject": "sub-0001"}, ...],   # N entries
-                       "description": "free text copied into the model card"}
+    DIR/slices.npy    complex64 (N, H, W), scale-normalised (ACS-image 99th percentile), memmapped
+    DIR/index.json    {"slices": [{"contrast": "T1", "subject": "sub-0001", ...}, ...],  # N entries
+                       "description": "optional free text copied into the model card", ...}
+
+Only ``contrast`` and ``subject`` per entry are required here (prepare-data adds ``source``,
+``slice``, ``scale`` and top-level ``version``, ``size``, ``scale_rule``, summarised in the card).
+The trainer reads it with :class:`NpySliceSet` rather than ``data.slices.SliceDataset``, because
+it needs the subject of each slice without loading it and no hidden random state (that
+dataset's random flips would break the exact-resume and DDP-equivalence guarantees).
 
 Global batches (:func:`global_batch_positions`): the data stream is the concatenation of one
 permutation per epoch (epoch ``e`` shuffled by a generator seeded from ``(seed, e)``); optimizer
@@ -19,7 +25,6 @@ and a resumed run starts exactly where it stopped (the position is a function of
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -118,7 +123,7 @@ class NpySliceSet(Dataset):
             self.subjects = [str(e["subject"]) for e in entries]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{index_path}: every slice needs 'contrast' and 'subject'") from exc
-        self.description = str(index.get("description", ""))
+        self.description = str(index.get("description", "")) or _describe_index(index, self.contrasts)
 
     @property
     def data(self) -> np.ndarray:
@@ -143,6 +148,18 @@ class NpySliceSet(Dataset):
 
     def info(self, i: int) -> SliceInfo:
         return SliceInfo(self.contrasts[i], self.subjects[i])
+
+
+def _describe_index(index: dict[str, Any], contrasts: list[str]) -> str:
+    # recon_server.data.slices (prepare-data) writes no free-text description: summarise its keys.
+    sources = sorted({str(e.get("source", "?")) for e in index["slices"] if isinstance(e, dict)})
+    parts = [f"prepared slices (index version {index.get('version', '?')})"]
+    if "size" in index:
+        parts.append(f"{index['size']}x{index['size']}")
+    if "scale_rule" in index:
+        parts.append(f"scale {index['scale_rule']}")
+    parts.append(f"sources {','.join(sources)}; contrasts {','.join(sorted(set(contrasts)))}")
+    return ", ".join(parts)
 
 
 def write_npy_slice_set(
@@ -203,30 +220,12 @@ class ConcatSlices(Dataset):
         return part.info(j)
 
 
-def _adapt_slices_module(path: Path) -> SliceSet | None:
-    """Use ``recon_server.data.slices`` when it provides a loader for ``path`` (see report/docs)."""
-    try:
-        data_slices = importlib.import_module("recon_server.data.slices")
-    except ImportError:
-        return None
-    opener = getattr(data_slices, "open_slice_set", None) or getattr(data_slices, "open_slices", None)
-    if opener is None:
-        return None
-    ds: Any = opener(path)
-    return ds if isinstance(ds, SliceSet) else None
-
-
 def open_training_set(path: str | os.PathLike[str]) -> SliceSet:
-    """Open a prepared slice directory (``recon-server prepare-data --out DIR``)."""
+    """Open a prepared slice directory (``recon-server prepare-data ... --out DIR``)."""
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"training data directory {p} does not exist")
-    if (p / "slices.npy").is_file():
-        return NpySliceSet(p)
-    adapted = _adapt_slices_module(p)
-    if adapted is None:
-        raise ValueError(f"{p} holds no slices.npy + index.json and recon_server.data.slices cannot open it")
-    return adapted
+    return NpySliceSet(p)
 
 
 def subjects_by_contrast(ds: SliceSet) -> dict[str, dict[str, list[int]]]:
