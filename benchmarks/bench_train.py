@@ -85,11 +85,15 @@ def main() -> int:
     p.add_argument("--cuda-batch", type=int, default=16)
     p.add_argument("--cpu-steps", type=int, default=2)
     p.add_argument("--cuda-steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu_batch = dict(kv.split("=") for kv in args.cpu_batch.split(","))
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
     print(f"machine: {machine()}  ")
-    print(f"matrix: {args.matrix}x{args.matrix}, 2 channels; step = EDM loss fwd + bwd + Adam\n")
+    print(f"matrix: {args.matrix}x{args.matrix}, 2 channels; step = EDM loss fwd + bwd + Adam  ")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (other jobs share the CPU when > cores)\n")
     print("| size | params | device | precision | batch | s/step | images/s | peak GPU GiB |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for device in args.devices.split(","):
@@ -114,6 +118,7 @@ def main() -> int:
                 f"{r['s_per_step']:.2f} | {r['img_per_s']:.2f} | {peak} |",
                 flush=True,
             )
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
