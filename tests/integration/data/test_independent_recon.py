@@ -34,6 +34,7 @@ def test_debian_recon_of_reference_matches_truth(tmp_path: Path, recon_tool: str
     scale = float((recon * truth).sum() / (truth * truth).sum())
     nrmse = float(np.linalg.norm(recon / scale - truth) / np.linalg.norm(truth))
     corr = float(np.corrcoef(recon.ravel(), truth.ravel())[0, 1])
+    print(f"debian recon vs truth: corr {corr:.4f} nrmse {nrmse:.4f}")
     assert corr > 0.99 and nrmse < 0.08, (corr, nrmse)
     assert np.isclose(scale, np.sqrt(128 * 64), rtol=0.05)  # unnormalised FFTW backward transform
     # Preview contact sheet exists and is a PNG.
