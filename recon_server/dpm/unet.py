@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +60,6 @@ class UNetConfig:
     label_gain: float | None = None
     sigma_data: float = SIGMA_DATA
     pad_mode: str = "reflect"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.base_channels < 4 or self.num_blocks < 1 or not self.channel_mults:
