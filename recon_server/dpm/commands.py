@@ -177,7 +177,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from recon_server.dpm.checkpoint import load_checkpoint  # noqa: PLC0415
-    from recon_server.dpm.sample import magnitude_grid, sample_prior, write_png  # noqa: PLC0415
+    from recon_server.dpm.sample import sample_prior  # noqa: PLC0415
+    from recon_server.preview import magnitude_grid, write_png  # noqa: PLC0415
 
     device = (
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

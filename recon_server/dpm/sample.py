@@ -17,14 +17,8 @@ The schedule stays in float64; each step casts its sigma to the image dtype.
 
 from __future__ import annotations
 
-import math
-import os
-import struct
-import zlib
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from recon_server.dpm.edm import DEFAULT_RHO, DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN, edm_sigmas
@@ -97,43 +91,3 @@ def sample_prior(
         out.append(edm_sample(denoise, z, sigmas=sigmas, solver=solver).cpu())
     x = torch.cat(out)
     return torch.complex(x[:, 0], x[:, 1])
-
-
-def magnitude_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile magnitudes (n, H, W) into a uint8 grid, each tile scaled to its 99.5th percentile."""
-    mags = np.abs(np.asarray(images))
-    n, h, w = mags.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
-    for k in range(n):
-        top = pad + (k // cols) * (h + pad)
-        left = pad + (k % cols) * (w + pad)
-        hi = float(np.percentile(mags[k], 99.5)) or 1.0
-        grid[top : top + h, left : left + w] = np.clip(mags[k] / hi * 255.0, 0, 255).astype(np.uint8)
-    return grid
-
-
-def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
-    """Write an 8-bit greyscale (H, W) PNG with zlib only (PNG spec: signature, IHDR, IDAT, IEND)."""
-    img = np.ascontiguousarray(image, dtype=np.uint8)
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D greyscale image, got shape {img.shape}")
-    h, w = img.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    # Each scanline is prefixed by filter type 0 (None).
-    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), img], axis=1).tobytes()
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, colour type 0 (greyscale)
-    data = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    return p

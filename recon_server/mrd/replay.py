@@ -80,7 +80,8 @@ def stream_scan(
     """Send one raw scan and collect the replies (does not raise on server errors)."""
     result = ReplayResult()
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        reader = wire.WireReader(sock.makefile("rb", buffering=1 << 20), limits)
+        rfile = sock.makefile("rb", buffering=1 << 20)
+        reader = wire.WireReader(rfile, limits)
         replies = threading.Thread(target=_read_replies, args=(reader, result), daemon=True)
         replies.start()
         out = sock.makefile("wb", buffering=1 << 20)
@@ -101,10 +102,11 @@ def stream_scan(
             result.errors.append(f"sending stopped: {exc}")
         result.bytes_sent = writer.bytes_written
         replies.join(timeout_s)
-        try:
-            out.close()
-        except OSError:
-            pass
+        for stream in (out, rfile):
+            try:
+                stream.close()
+            except OSError:
+                pass
     return result
 
 
