@@ -199,19 +199,24 @@ def _image_type(volume: ImageVolume) -> list[str]:
     return values
 
 
+# Spin-echo based sequence names; clinical FLAIR is an inversion-recovery (turbo) spin echo.
+_SPIN_ECHO_FAMILY = ("spinecho", "tse", "fse", "haste", "space", "flair", "rare", "inversionrecovery", "tirm")
+
+
 def scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
     """ScanningSequence, SequenceVariant and MRAcquisitionType from the header (docs/dicom.md).
 
-    SE family (spin echo, turbo/fast spin echo, FLAIR) -> SE (variant SK when an echo train is
-    used); gradient echo / FLASH / FISP -> GR (variant SP for spoiled); EPI -> EP; unknown ->
-    RM (research mode). An inversion time appends IR (FLAIR -> ``SE\\IR``) and variant MP.
+    SE family (spin echo, turbo/fast spin echo, FLAIR, inversion recovery) -> SE (variant SK
+    when an echo train is used); gradient echo / FLASH / FISP -> GR (variant SP for spoiled);
+    EPI -> EP; unknown -> RM (research mode). An inversion time appends IR (FLAIR ->
+    ``SE\\IR``) and variant MP.
     """
     seq = (header.sequence_type or "").lower().replace("_", "").replace("-", "")
     etl = header.echo_train_length or 1
     variants: list[str] = []
     if any(k in seq for k in ("epi", "echoplanar")):
         scanning = ["EP"]
-    elif any(k in seq for k in ("spinecho", "tse", "fse", "haste", "space", "flair", "rare")) or seq == "se":
+    elif any(k in seq for k in _SPIN_ECHO_FAMILY) or seq in ("se", "ir"):
         scanning = ["SE"]
         if etl > 1 or any(k in seq for k in ("turbo", "tse", "fse", "fast", "haste", "space", "rare")):
             variants.append("SK")

@@ -10,11 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from recon_server.dicom.header import ScanHeader
 from recon_server.dicom.writer import (
     GENERATED_STUDY_UID_NOTE,
     MAX_STORED,
     build_series,
     make_uid,
+    scanning_sequence,
     write_atomic,
     write_series,
 )
@@ -148,6 +150,23 @@ def test_sequence_mapping_flair_and_t1(vol):
     t1 = build_series(vol.make_volume(flair=False))[0]
     assert t1.ScanningSequence == "SE" and "InversionTime" not in t1
     assert t1.MRAcquisitionType == "2D"
+
+
+@pytest.mark.parametrize(
+    ("sequence_type", "ti", "expected"),
+    [
+        ("InversionRecovery", 2500.0, ["SE", "IR"]),
+        ("TIRM", 2500.0, ["SE", "IR"]),
+        ("TurboSpinEcho", None, ["SE"]),
+        ("FLASH", None, ["GR"]),
+        ("MPRAGE", 900.0, ["GR", "IR"]),
+        ("EPI", None, ["EP"]),
+        ("MyResearchSeq", None, ["RM"]),
+    ],
+)
+def test_scanning_sequence_from_sequence_type(sequence_type, ti, expected):
+    header = ScanHeader(sequence_type=sequence_type, ti=ti)
+    assert scanning_sequence(header)[0] == expected
 
 
 def test_uids_are_deterministic_and_follow_the_pixels(vol):
