@@ -16,8 +16,10 @@ from recon_server.data import commands as data_commands
 from recon_server.dicom import commands as dicom_commands
 from recon_server.dpm import commands as dpm_commands
 from recon_server.mrd import commands as mrd_commands
+from recon_server.ops import commands as ops_commands
+from recon_server.recon import commands as recon_commands
 
-COMMAND_MODULES = (mrd_commands, dicom_commands, data_commands, dpm_commands)
+COMMAND_MODULES = (mrd_commands, dicom_commands, data_commands, dpm_commands, recon_commands, ops_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

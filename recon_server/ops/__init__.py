@@ -1,0 +1,1 @@
+"""Operations: configuration file, health and metrics endpoint, ONNX export."""
