@@ -72,19 +72,33 @@ class Case:
     support: Tensor  # bool (slices, n, n) object support
 
 
-def make_case(n: int = 64, coils: int = 8, slices: int = 1, *, noise: float = 0.0, seed: int = 0) -> Case:
+def make_case(
+    n: int = 64,
+    coils: int = 8,
+    slices: int = 1,
+    *,
+    noise: float = 0.0,
+    snr: float | None = None,
+    seed: int = 0,
+) -> Case:
     """Simulate ``slices`` phantom slices with ``coils`` coils and complex Gaussian k-space noise.
 
-    ``noise`` is the noise standard deviation relative to the RMS of the noiseless k-space.
+    ``noise`` is the noise standard deviation relative to the RMS of the noiseless k-space;
+    ``snr`` (if given, instead) sets it to ``p99(|image|) / snr``, the convention of
+    ``benchmarks/bench_recon.py --tune`` (unitary FFT: the same sigma in image and k-space).
     """
     imgs = np.stack([brain_phantom(n, seed=seed + s) for s in range(slices)])
     maps = np.broadcast_to(coil_maps(n, coils), (slices, coils, n, n)).copy()
     image = torch.from_numpy(imgs)
     maps_t = torch.from_numpy(maps)
     k = fft2c(maps_t * image[:, None])
-    if noise > 0:
+    if noise > 0 or snr is not None:
         g = torch.Generator().manual_seed(seed + 1000)
-        sd = noise * k.abs().pow(2).mean().sqrt()
+        sd = (
+            noise * k.abs().pow(2).mean().sqrt()
+            if snr is None
+            else float(np.percentile(np.abs(imgs), 99)) / snr
+        )
         k = k + sd * _crandn(tuple(k.shape), g, torch.complex64) / 2**0.5
     support = torch.from_numpy(np.abs(imgs) > 1e-3)
     return Case(image=image, maps=maps_t, full=k.to(torch.complex64), support=support)
