@@ -42,10 +42,11 @@ def _check(num_cols: int, acceleration: int, center_fraction: float | None) -> i
     if not 0.0 < cf <= 1.0:
         raise ValueError(f"center_fraction must be in (0, 1], got {cf}")
     num_low = max(1, round(num_cols * cf))
-    if num_low * acceleration > num_cols and acceleration > 1:
+    # At num_low * R == N the centre alone is the whole budget: no outer lines could be placed.
+    if num_low * acceleration >= num_cols and acceleration > 1:
         raise ValueError(
             f"center fraction {cf} already samples {num_low} of {num_cols} lines, "
-            f"more than 1/R at R={acceleration}"
+            f"at least 1/R at R={acceleration}"
         )
     return num_low
 

@@ -72,3 +72,10 @@ def test_no_acs_lines() -> None:
         acs_region(np.zeros(64, dtype=bool))
     with pytest.raises(ValueError, match="no phase-encode line"):
         acceleration_of(np.zeros(64, dtype=bool))
+
+
+@pytest.mark.parametrize("make", [equispaced_mask, random_mask])
+def test_centre_that_fills_the_whole_budget_is_refused(make) -> None:
+    # 96 lines, centre 0.25 -> 24 lines = 96 / 4: no room for outer lines at R=4.
+    with pytest.raises(ValueError, match="center fraction 0.25 already samples 24 of 96"):
+        make(96, 4, center_fraction=0.25, rng=np.random.default_rng(0))
