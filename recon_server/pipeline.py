@@ -9,18 +9,28 @@ Steps of :func:`reconstruct`:
    central rows). If ESPIRiT rejects the calibration (ValueError / RuntimeError, e.g. fewer
    rows than its kernel), Inati maps from the same calibration are used and the fallback is
    recorded in the provenance settings.
-3. The method from the registry (``recon.methods.get_method``) on a ``ReconProblem``.
+3. The method from the registry (``recon.methods.run_method``) on a ``ReconProblem``; the
+   diffusion methods add the model name/version and the sampler settings to the provenance.
 4. Magnitude, scaled so that the 99th percentile of the volume is ``TARGET_P99`` (a stable
    range for uint16 / DICOM); the factor is stored as ``settings["intensity_scale"]``.
 5. Window centre/width from the 0.5th and 99.5th percentiles; series description = the
    protocol name (or contrast); the ISMRMRD and DICOM writers both add the same method mark
    through ``dicom.writer.dicom_series_description``.
+6. Stage timings in ``settings``: ``seconds_prewhiten``, ``seconds_coils``, ``seconds_method``,
+   ``seconds`` (total).
+
+:func:`reconstruct_all` returns the image volume and, when a diffusion method drew several
+posterior samples (``samples > 1``), a second volume: the per-pixel standard deviation of the
+magnitude over the samples, on the image's intensity scale, ``role="sd"``, series index
+``image + SD_SERIES_OFFSET``, description ``"<protocol> uncertainty (SD)"``, ImageType
+``DERIVED\\SECONDARY\\OTHER\\SD``. Every sink writes it like any volume (its own DICOM series).
 
 :class:`ReconWorker` serialises all reconstructions through one queue and thread (one GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -34,13 +44,15 @@ import torch
 from recon_server import __version__
 from recon_server.mrd.assemble import parse_header
 from recon_server.recon import coils, noise
-from recon_server.recon.methods import ReconProblem, get_method
+from recon_server.recon.methods import ReconProblem, get_method, run_method
 from recon_server.scan import ImageVolume, KSpaceScan, Provenance
 
 log = logging.getLogger(__name__)
 
 MAX_CALIBRATION_ROWS = 24
 TARGET_P99 = 1000.0
+SD_SERIES_OFFSET = 500
+SD_IMAGE_TYPE = ["DERIVED", "SECONDARY", "OTHER", "SD"]
 
 Sink = Callable[[ImageVolume], None]
 
@@ -70,7 +82,21 @@ def protocol_name(header_xml: str) -> str:
 
 def reconstruct(scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu") -> ImageVolume:
     """Reconstruct one assembled scan with the named method (see the module docstring)."""
-    solver = get_method(method)  # ValueError for unknown names, before any work
+    return reconstruct_all(scan, method=method, device=device)[0]
+
+
+def _window(magnitude: np.ndarray) -> tuple[float, float]:
+    lo, hi = (float(v) for v in np.percentile(magnitude, [0.5, 99.5])) if magnitude.size else (0.0, 1.0)
+    return (lo + hi) / 2, max(hi - lo, 1.0)
+
+
+def reconstruct_all(
+    scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu", samples: int = 1
+) -> list[ImageVolume]:
+    """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn."""
+    get_method(method)  # ValueError for unknown names, before any work
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     dev = torch.device(device)
     t0 = time.perf_counter()
     kspace = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64)).to(dev)
@@ -83,8 +109,10 @@ def reconstruct(scan: KSpaceScan, *, method: str, device: str | torch.device = "
         kspace = noise.prewhiten(kspace, w)
         calib = noise.prewhiten(calib, w)
         settings["prewhitened"] = True
+    t1 = time.perf_counter()
     maps, maps_name = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
     settings["coil_maps"] = maps_name
+    t2 = time.perf_counter()
     problem = ReconProblem(
         kspace=kspace,
         maps=maps,
@@ -92,27 +120,56 @@ def reconstruct(scan: KSpaceScan, *, method: str, device: str | torch.device = "
         acceleration=float(scan.acceleration),
         contrast=scan.contrast,
     )
-    image = solver(problem)
-    magnitude = image.abs().to(torch.float32).cpu().numpy()
+    out = run_method(method, problem, samples=samples)
+    t3 = time.perf_counter()
+    settings.update(out.settings)
+    magnitude = out.image.abs().to(torch.float32).cpu().numpy()
     p99 = float(np.percentile(magnitude, 99.0)) if magnitude.size else 0.0
     scale = TARGET_P99 / p99 if p99 > 0 else 1.0
     magnitude = (magnitude * scale).astype(np.float32)
-    lo, hi = (float(v) for v in np.percentile(magnitude, [0.5, 99.5]))
     settings["intensity_scale"] = scale
+    settings["seconds_prewhiten"] = round(t1 - t0, 3)
+    settings["seconds_coils"] = round(t2 - t1, 3)
+    settings["seconds_method"] = round(t3 - t2, 3)
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     label = protocol_name(scan.header_xml) or scan.contrast or "MR"
-    return ImageVolume(
+    provenance = Provenance(
+        method=method,
+        settings=settings,
+        model_name=out.model_name,
+        model_version=out.model_version,
+        software_version=__version__,
+    )
+    center, width = _window(magnitude)
+    image = ImageVolume(
         magnitude=magnitude,
         geometry=list(scan.geometry),
         header_xml=scan.header_xml,
-        provenance=Provenance(method=method, settings=settings, software_version=__version__),
+        provenance=provenance,
         series_description=label,
-        window_center=(lo + hi) / 2,
-        window_width=max(hi - lo, 1.0),
+        window_center=center,
+        window_width=width,
         series_index=scan.contrast_index * 1000 + scan.repetition + 1,
         contrast=scan.contrast,
         measurement_id=scan.measurement_id,
     )
+    volumes = [image]
+    if out.std is not None:
+        sd = (out.std.to(torch.float32).cpu().numpy() * scale).astype(np.float32)
+        sd_center, sd_width = _window(sd)
+        volumes.append(
+            dataclasses.replace(
+                image,
+                magnitude=sd,
+                series_description=f"{label} uncertainty (SD)",
+                window_center=sd_center,
+                window_width=sd_width,
+                image_type=list(SD_IMAGE_TYPE),
+                series_index=image.series_index + SD_SERIES_OFFSET,
+                role="sd",
+            )
+        )
+    return volumes
 
 
 class ReconWorker:

@@ -78,6 +78,8 @@ class ImageVolume:
     window_center / window_width: display window chosen from the magnitude percentiles.
     series_description: the text that both the ISMRMRD image meta and DICOM carry.
     image_type: DICOM-style ImageType values, e.g. ``["ORIGINAL", "PRIMARY", "OTHER", "M"]``.
+    role: ``"image"``, or ``"sd"`` for the per-pixel posterior standard-deviation map that
+          diffusion sampling adds when several samples are drawn (``pipeline.reconstruct_all``).
     """
 
     magnitude: np.ndarray
@@ -91,3 +93,4 @@ class ImageVolume:
     series_index: int = 0
     contrast: str = ""
     measurement_id: str = ""
+    role: str = "image"
