@@ -1,29 +1,82 @@
-"""Service settings in one frozen dataclass, validated once at the CLI / wire boundary.
+"""Service settings: frozen dataclasses, validated once, built from one TOML file or the CLI.
 
-The TOML file loader comes later; for now the CLI builds a :class:`ServiceConfig` from its
-options. Methods are chosen per contrast label (``FLAIR`` -> ``dps`` ...), falling back to
-``default_method``; a ``--method`` override beats both.
+``load_config(path)`` reads ``recon-server.toml`` (stdlib :mod:`tomllib`) into an
+:class:`AppConfig`: a :class:`ServiceConfig` (``[server]`` + ``[recon]``), an optional
+:class:`~recon_server.dicom.config.DicomConfig` (``[dicom]``) and an :class:`OpsConfig`
+(``[ops]``). Every field is checked at start: unknown keys, wrong TOML types, ranges, files that
+must exist. Errors are :class:`ConfigError` (a ValueError) whose message starts with the file
+and the dotted field name, e.g. ``recon-server.toml: server.port: must be in 0..65535, got 70000``.
+Field-by-field documentation: docs/configuration.md.
+
+Secrets do not have to live in the file: environment variables override the TLS file paths
+(:data:`ENV_TLS_PREFIX`), see :func:`tls_env_overrides`.
+
+Methods are chosen per contrast label (``FLAIR`` -> ``dps`` ...), falling back to
+``default_method``; a method named by the client (or ``recon --method``) beats both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy, TlsConfig
 from recon_server.mrd.wire import WireLimits
 
 DEFAULT_PORT = 9002
+DEFAULT_HTTP_PORT = 9090
+MAX_CONFIG_BYTES = 1 << 20
+
+#: Methods that need a trained model (``recon.model_dir``). A registered method may also carry
+#: ``needs_model = True`` as an attribute; :func:`needs_model` accepts either.
+MODEL_METHODS = frozenset({"dps", "dps-fast"})
+BACKENDS = ("torch", "onnx")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: ``RECON_SERVER_TLS_<FIELD>`` applies to every destination with a ``tls`` table,
+#: ``RECON_SERVER_TLS_<DEST>_<FIELD>`` to one (destination name upper-cased, ``-``/``.`` -> ``_``);
+#: FIELD is ``CA_FILE``, ``CERT_FILE``, ``KEY_FILE`` or ``SERVER_HOSTNAME``.
+ENV_TLS_PREFIX = "RECON_SERVER_TLS_"
+TLS_ENV_FIELDS = ("ca_file", "cert_file", "key_file", "server_hostname")
+
+
+class ConfigError(ValueError):
+    """A configuration file (or field) is invalid; the message names the file and the field."""
+
+
+def needs_model(method: str, known: Mapping[str, object] | None = None) -> bool:
+    """True for the diffusion samplers (names in :data:`MODEL_METHODS` or ``needs_model``)."""
+    impl = (known or {}).get(method)
+    return method in MODEL_METHODS or bool(getattr(impl, "needs_model", False))
+
+
+def _check_port(name: str, value: object, *, allow_zero: bool = True) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise ValueError(f"{name} must be an integer in {low}..65535, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Settings of ``recon-server serve`` (and of ``recon`` / the gadget, where they apply)."""
+    """Settings of ``recon-server serve`` (and of ``recon`` / the gadget, where they apply).
+
+    Port 0 asks the OS for a free port (tests). ``model_dir`` is the checkpoint directory the
+    diffusion methods use; ``backend`` runs its denoiser on torch or ONNX Runtime
+    (``onnx_file``, default ``model_dir/denoiser.onnx``, made by ``recon-server export-onnx``).
+    """
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     gadgetron_port: int | None = None
     gadgetron_host: str = "127.0.0.1"
+    gadgetron_only: bool = False
     methods: Mapping[str, str] = field(default_factory=dict)
     default_method: str = "cg-sense"
     device: str = "cpu"
@@ -32,18 +85,46 @@ class ServiceConfig:
     image_dtype: str = "float32"  # or "uint16" for the ISMRMRD images sent back
     max_pending_scans: int = 8
     socket_timeout_s: float = 300.0
+    model_dir: Path | None = None
+    backend: str = "torch"
+    onnx_file: Path | None = None
+    onnx_providers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("port", "gadgetron_port"):
+        _check_port("port", self.port)
+        if self.gadgetron_port is not None:
+            _check_port("gadgetron_port", self.gadgetron_port)
+        if self.gadgetron_only and self.gadgetron_port is None:
+            raise ValueError("gadgetron_only needs gadgetron_port")
+        for name in ("host", "gadgetron_host"):
             value = getattr(self, name)
-            if value is not None and not 0 <= int(value) <= 65535:
-                raise ValueError(f"{name} must be in 0..65535, got {value}")
+            if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+                raise ValueError(f"{name} must be a host name or address without spaces, got {value!r}")
         if self.image_dtype not in ("float32", "uint16"):
             raise ValueError(f"image_dtype must be float32 or uint16, got {self.image_dtype!r}")
         if self.max_pending_scans < 1:
             raise ValueError(f"max_pending_scans must be >= 1, got {self.max_pending_scans}")
         if self.socket_timeout_s <= 0:
             raise ValueError(f"socket_timeout_s must be > 0, got {self.socket_timeout_s}")
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        for contrast, method in self.methods.items():
+            if not contrast or contrast != contrast.upper() or not method:
+                raise ValueError(f"methods: contrast labels are upper case, got {contrast!r} = {method!r}")
+        for name in ("output_dir", "model_dir", "onnx_file"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
+
+    @property
+    def resolved_onnx_file(self) -> Path | None:
+        """The ONNX file the onnx backend loads (``onnx_file`` or ``model_dir/denoiser.onnx``)."""
+        if self.onnx_file is not None:
+            return self.onnx_file
+        return self.model_dir / "denoiser.onnx" if self.model_dir is not None else None
 
     def method_for(self, contrast: str, override: str | None = None) -> str:
         """The method for a contrast label: override, else per-contrast entry, else default."""
@@ -51,8 +132,375 @@ class ServiceConfig:
             return override
         return self.methods.get(contrast.upper(), self.default_method) if contrast else self.default_method
 
+    def configured_methods(self) -> set[str]:
+        return {self.default_method, *self.methods.values()}
+
     def check_methods(self, known: Mapping[str, object]) -> None:
         """ValueError if a configured method is not in the registry ``known``."""
-        for name in {self.default_method, *self.methods.values()}:
+        for name in self.configured_methods():
             if name not in known:
                 raise ValueError(f"unknown reconstruction method {name!r}; known: {sorted(known)}")
+
+    def check_model(self, known: Mapping[str, object] | None = None) -> None:
+        """ValueError unless the model files the configured methods and backend need exist."""
+        wanting = sorted(m for m in self.configured_methods() if needs_model(m, known))
+        if self.model_dir is None:
+            if wanting:
+                raise ValueError(f"model_dir is required by method(s) {wanting}")
+            return
+        if not (self.model_dir / "card.json").is_file():
+            raise ValueError(f"model_dir {self.model_dir} is not a checkpoint directory (no card.json)")
+        onnx = self.resolved_onnx_file
+        if self.backend == "onnx" and onnx is not None and not onnx.is_file():
+            raise ValueError(
+                f"onnx_file {onnx} not found (backend 'onnx'; make it with "
+                f"'recon-server export-onnx --model {self.model_dir} --out {onnx}')"
+            )
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """The operations endpoint and logging. ``http_port`` 0 picks a free port; None disables."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int | None = DEFAULT_HTTP_PORT
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.http_port is not None:
+            _check_port("http_port", self.http_port)
+        if not self.http_host or any(ch.isspace() for ch in self.http_host):
+            raise ValueError(f"http_host must be a host name or address, got {self.http_host!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything ``recon-server serve --config FILE`` runs with."""
+
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    dicom: DicomConfig | None = None
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    source: Path | None = None
+
+    def summary(self) -> str:
+        """A few human-readable lines (``config check`` prints them)."""
+        s, o = self.service, self.ops
+        lines = [
+            f"MRD stream server: {'off' if s.gadgetron_only else f'{s.host}:{s.port}'}",
+            f"Gadgetron <connect> listener: "
+            f"{f'{s.gadgetron_host}:{s.gadgetron_port}' if s.gadgetron_port is not None else 'off'}",
+            f"device {s.device}, images {s.image_dtype}, up to {s.max_pending_scans} queued scans",
+            f"methods: default {s.default_method}"
+            + "".join(f", {c} -> {m}" for c, m in sorted(s.methods.items())),
+            f"model: {s.model_dir or 'none'} (backend {s.backend}"
+            + (f", {s.resolved_onnx_file}" if s.backend == "onnx" else "")
+            + ")",
+        ]
+        if self.dicom is None:
+            lines.append("DICOM output: off")
+        else:
+            lines.append(f"DICOM output: {self.dicom.output_dir}, spool {self.dicom.spool_dir}")
+            lines += [f"  PACS {d.label}" for d in self.dicom.destinations]
+        http = f"http://{o.http_host}:{o.http_port}" if o.http_port is not None else "off"
+        lines.append(f"health/metrics: {http}; logs {o.log_format} at {o.log_level}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- TOML schema
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("an integer")
+    return v
+
+
+def _float(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError("a number")
+    return float(v)
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("a string")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("true or false")
+    return v
+
+
+def _str_list(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError("a list of strings")
+    return tuple(v)
+
+
+Conv = Callable[[object], Any]
+
+SERVER_FIELDS: dict[str, Conv] = {
+    "host": _str,
+    "port": _int,
+    "gadgetron_port": _int,
+    "gadgetron_host": _str,
+    "gadgetron_only": _bool,
+    "device": _str,
+    "image_dtype": _str,
+    "max_pending_scans": _int,
+    "socket_timeout_s": _float,
+    "output_dir": _str,
+}
+LIMIT_FIELDS: dict[str, Conv] = {f.name: _int for f in dataclasses.fields(WireLimits)}
+RECON_FIELDS: dict[str, Conv] = {
+    "default_method": _str,
+    "model_dir": _str,
+    "backend": _str,
+    "onnx_file": _str,
+    "onnx_providers": _str_list,
+}
+DICOM_FIELDS: dict[str, Conv] = {
+    "output_dir": _str,
+    "spool_dir": _str,
+    "uid_root": _str,
+    "allow_missing_identifiers": _bool,
+    "manufacturer": _str,
+    "connect_timeout_s": _float,
+    "dimse_timeout_s": _float,
+    "poll_interval_s": _float,
+    "pause_between_stores_s": _float,
+}
+RETRY_FIELDS: dict[str, Conv] = {"initial_s": _float, "max_s": _float, "factor": _float, "abort_limit": _int}
+DEST_FIELDS: dict[str, Conv] = {
+    "name": _str,
+    "host": _str,
+    "port": _int,
+    "called_ae": _str,
+    "calling_ae": _str,
+}
+TLS_FIELDS: dict[str, Conv] = {
+    "ca_file": _str,
+    "cert_file": _str,
+    "key_file": _str,
+    "server_hostname": _str,
+    "check_hostname": _bool,
+}
+OPS_FIELDS: dict[str, Conv] = {
+    "http_host": _str,
+    "http_port": _int,
+    "log_format": _str,
+    "log_level": _str,
+}
+SECTIONS = ("server", "recon", "dicom", "ops")
+
+
+class _Loader:
+    """Walks the parsed TOML, converting and naming each field; relative paths are resolved
+    against the file's folder."""
+
+    def __init__(self, source: str, base: Path) -> None:
+        self.source = source
+        self.base = base
+
+    def error(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    def table(self, data: Mapping[str, Any], where: str, key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(f"{where}{key}", f"must be a table ([{where}{key}]), got {type(value).__name__}")
+        return value
+
+    def fields(
+        self, data: Mapping[str, Any], where: str, schema: Mapping[str, Conv], tables: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in tables:
+                continue
+            if key not in schema:
+                known = ", ".join(sorted([*schema, *tables]))
+                raise self.error(f"{where}{key}", f"unknown field (known in [{where[:-1]}]: {known})")
+            try:
+                out[key] = schema[key](value)
+            except TypeError as exc:
+                raise self.error(f"{where}{key}", f"must be {exc}, got {value!r}") from None
+        return out
+
+    def path(self, text: str) -> Path:
+        p = Path(os.path.expandvars(text)).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def build(
+        self,
+        where: str,
+        factory: Callable[..., Any],
+        *,
+        fields: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``factory(**kwargs)``; its ValueError is reported at ``where``, or at the field its
+        message starts with (``fields``: dataclass field -> dotted name)."""
+        try:
+            return factory(**kwargs)
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            first = re.split(r"[ :]", message, maxsplit=1)[0]
+            named = (fields or {}).get(first)
+            raise self.error(named or where, message) from None
+
+
+def tls_env_overrides(dest_name: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """TLS fields set by the environment for one destination (per-destination beats global)."""
+    key = re.sub(r"[^A-Z0-9]", "_", dest_name.upper())
+    out: dict[str, str] = {}
+    for name in TLS_ENV_FIELDS:
+        for var in (f"{ENV_TLS_PREFIX}{name.upper()}", f"{ENV_TLS_PREFIX}{key}_{name.upper()}"):
+            if environ.get(var):
+                out[name] = environ[var]
+    return out
+
+
+def _check_tls_files(loader: _Loader, where: str, tls: TlsConfig) -> None:
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name)
+        if path is None:
+            continue
+        if not path.is_file():
+            raise loader.error(f"{where}.{name}", f"file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise loader.error(f"{where}.{name}", f"file not readable: {path}")
+    try:
+        tls.ssl_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise loader.error(where, f"TLS files do not load: {exc}") from None
+
+
+def _destination(loader: _Loader, i: int, raw: object, environ: Mapping[str, str]) -> PacsDestination:
+    where = f"dicom.destinations[{i}]"
+    if not isinstance(raw, dict):
+        raise loader.error(where, "must be a table ([[dicom.destinations]])")
+    values = loader.fields(raw, where + ".", DEST_FIELDS, tables=("tls",))
+    for required in ("name", "host", "port", "called_ae"):
+        if required not in values:
+            raise loader.error(f"{where}.{required}", "missing (required)")
+    name = values["name"]
+    tls_raw = loader.table(raw, where + ".", "tls")
+    env = tls_env_overrides(name, environ)
+    if tls_raw or env:
+        tls_values = loader.fields(tls_raw, f"{where}.tls.", TLS_FIELDS)
+        tls_values.update(env)
+        if "ca_file" not in tls_values:
+            raise loader.error(f"{where}.tls.ca_file", "missing (required for TLS)")
+        for key in ("ca_file", "cert_file", "key_file"):
+            if key in tls_values:
+                tls_values[key] = loader.path(tls_values[key])
+        tls = loader.build(f"{where}.tls", TlsConfig, **tls_values)
+        _check_tls_files(loader, f"{where}.tls", tls)
+        values["tls"] = tls
+    return loader.build(where, PacsDestination, **values)
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    base: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    known_methods: Mapping[str, object] | None = None,
+) -> AppConfig:
+    """Validate parsed TOML ``data`` and build an :class:`AppConfig` (see module docstring)."""
+    loader = _Loader(source, base or Path.cwd())
+    env = os.environ if environ is None else environ
+    for key in data:
+        if key not in SECTIONS:
+            raise loader.error(key, f"unknown section (known: {', '.join(SECTIONS)})")
+    server_raw = loader.table(data, "", "server")
+    server = loader.fields(server_raw, "server.", SERVER_FIELDS, tables=("limits",))
+    limits = loader.fields(loader.table(server_raw, "server.", "limits"), "server.limits.", LIMIT_FIELDS)
+    limit_fields = {f"WireLimits.{k}": f"server.limits.{k}" for k in LIMIT_FIELDS}
+    server["limits"] = loader.build("server.limits", WireLimits, fields=limit_fields, **limits)
+    recon_raw = loader.table(data, "", "recon")
+    recon = loader.fields(recon_raw, "recon.", RECON_FIELDS, tables=("methods",))
+    methods_raw = loader.table(recon_raw, "recon.", "methods")
+    methods = {}
+    for contrast, method in methods_raw.items():
+        if not isinstance(method, str) or not method:
+            raise loader.error(f"recon.methods.{contrast}", f"must be a method name, got {method!r}")
+        methods[contrast.strip().upper()] = method
+    for key in ("output_dir",):
+        if key in server:
+            server[key] = loader.path(server[key])
+    for key in ("model_dir", "onnx_file"):
+        if key in recon:
+            recon[key] = loader.path(recon[key])
+    field_names = {k: f"server.{k}" for k in SERVER_FIELDS} | {k: f"recon.{k}" for k in RECON_FIELDS}
+    service: ServiceConfig = loader.build(
+        "server", ServiceConfig, fields=field_names, **server, **recon, methods=methods
+    )
+    if known_methods is not None:
+        named = [("recon.default_method", service.default_method)]
+        named += [(f"recon.methods.{contrast}", method) for contrast, method in methods.items()]
+        for where, method in named:
+            if method not in known_methods:
+                raise loader.error(
+                    where, f"unknown reconstruction method {method!r}; known: {sorted(known_methods)}"
+                )
+    try:
+        service.check_model(known_methods)
+    except ValueError as exc:
+        raise loader.error("recon.model_dir", str(exc)) from None
+
+    dicom = None
+    if "dicom" in data:
+        dicom_raw = loader.table(data, "", "dicom")
+        values = loader.fields(dicom_raw, "dicom.", DICOM_FIELDS, tables=("retry", "destinations"))
+        if "output_dir" not in values:
+            raise loader.error("dicom.output_dir", "missing (required when [dicom] is present)")
+        values["output_dir"] = loader.path(values["output_dir"])
+        values["spool_dir"] = (
+            loader.path(values["spool_dir"]) if "spool_dir" in values else values["output_dir"] / "spool"
+        )
+        retry = loader.fields(loader.table(dicom_raw, "dicom.", "retry"), "dicom.retry.", RETRY_FIELDS)
+        values["retry"] = loader.build("dicom.retry", RetryPolicy, **retry)
+        dests_raw = dicom_raw.get("destinations", [])
+        if not isinstance(dests_raw, list):
+            raise loader.error("dicom.destinations", "must be an array of tables ([[dicom.destinations]])")
+        values["destinations"] = tuple(_destination(loader, i, d, env) for i, d in enumerate(dests_raw))
+        dicom_fields = {k: f"dicom.{k}" for k in DICOM_FIELDS}
+        dicom = loader.build("dicom", DicomConfig, fields=dicom_fields, **values)
+
+    ops = loader.fields(loader.table(data, "", "ops"), "ops.", OPS_FIELDS)
+    ops_fields = {k: f"ops.{k}" for k in OPS_FIELDS}
+    return AppConfig(
+        service=service, dicom=dicom, ops=loader.build("ops", OpsConfig, fields=ops_fields, **ops)
+    )
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    known_methods: Mapping[str, object] | None = None,
+) -> AppConfig:
+    """Read and validate a TOML configuration file; relative paths are relative to its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: configuration file not found")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    config = parse_config(
+        data, source=str(p), base=p.resolve().parent, environ=environ, known_methods=known_methods
+    )
+    return dataclasses.replace(config, source=p)

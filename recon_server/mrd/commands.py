@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from recon_server.config import DEFAULT_PORT, ServiceConfig
+from recon_server.config import DEFAULT_PORT, AppConfig, ServiceConfig, load_config
 from recon_server.dicom.commands import add_output_args, output_config
+from recon_server.scan import ImageVolume
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +39,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
-        "serve", help="run the MRD stream server (and Gadgetron listener)", formatter_class=fmt
+        "serve",
+        help="run the MRD stream server (and Gadgetron listener)",
+        formatter_class=fmt,
+        description="Options given on the command line override the --config file; the file "
+        "overrides the built-in defaults shown here as 'default: None (X)'.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address of the MRD stream server")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port of the MRD stream server")
+    p.add_argument(
+        "--config", type=Path, default=None, help="TOML configuration file (docs/configuration.md)"
+    )
+    p.add_argument("--host", default=None, help="address of the MRD stream server (127.0.0.1)")
+    p.add_argument("--port", type=_port, default=None, help=f"port of the MRD stream server ({DEFAULT_PORT})")
     p.add_argument("--gadgetron-port", type=_port, default=None, help="also listen for Gadgetron <connect>")
-    p.add_argument("--gadgetron-host", default="127.0.0.1", help="address of the Gadgetron listener")
+    p.add_argument("--gadgetron-host", default=None, help="address of the Gadgetron listener (127.0.0.1)")
     p.add_argument("--gadgetron-only", action="store_true", help="run only the Gadgetron listener")
-    p.add_argument("--method", default="cg-sense", help="default reconstruction method")
+    p.add_argument("--method", default=None, help="default reconstruction method (cg-sense)")
     p.add_argument(
         "--method-for",
         type=_contrast_method,
         action="append",
         default=[],
         metavar="CONTRAST=METHOD",
-        help="method for one contrast label (repeatable)",
+        help="method for one contrast label (repeatable; added to the file's [recon.methods])",
     )
-    p.add_argument("--device", default="cpu", help="torch device for reconstruction")
-    p.add_argument("--image-dtype", choices=["float32", "uint16"], default="float32")
+    p.add_argument("--device", default=None, help="torch device for reconstruction (cpu)")
+    p.add_argument("--image-dtype", choices=["float32", "uint16"], default=None, help="(float32)")
     p.add_argument("--output-dir", type=Path, default=None, help="also save each volume here (.npy)")
+    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint directory of the diffusion model")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="denoiser backend (torch)")
+    p.add_argument("--http-host", default=None, help="address of /healthz /readyz /metrics (127.0.0.1)")
+    p.add_argument("--http-port", type=_port, default=None, help="port of the health/metrics endpoint (9090)")
+    p.add_argument("--no-http", action="store_true", help="no health/metrics endpoint")
+    p.add_argument("--log-format", choices=["text", "json"], default=None, help="log line format (text)")
     add_output_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -91,36 +107,104 @@ def volume_npy_sink(out_dir: Path):  # type: ignore[no-untyped-def]
     return sink
 
 
+_SERVE_OVERRIDES = {
+    "host": "host",
+    "port": "port",
+    "gadgetron_port": "gadgetron_port",
+    "gadgetron_host": "gadgetron_host",
+    "method": "default_method",
+    "device": "device",
+    "image_dtype": "image_dtype",
+    "output_dir": "output_dir",
+    "model_dir": "model_dir",
+    "backend": "backend",
+}
+
+
+def serve_config(args: argparse.Namespace) -> AppConfig:
+    """The configuration ``serve`` runs with: built-in defaults < ``--config`` file < options.
+
+    ``--method-for`` entries are added to the file's per-contrast methods; any DICOM output
+    option (``--dicom-dir``, ``--pacs``) replaces the file's whole ``[dicom]`` section.
+    """
+    from recon_server.recon.methods import METHODS
+
+    app = load_config(args.config, known_methods=METHODS) if args.config is not None else AppConfig()
+    changes = {
+        field: getattr(args, opt) for opt, field in _SERVE_OVERRIDES.items() if getattr(args, opt) is not None
+    }
+    if args.method_for:
+        changes["methods"] = {**app.service.methods, **dict(args.method_for)}
+    if args.gadgetron_only:
+        changes["gadgetron_only"] = True
+    service = dataclasses.replace(app.service, **changes)
+    if changes:
+        service.check_methods(METHODS)
+        service.check_model(METHODS)
+    ops_changes: dict[str, Any] = {}
+    if args.http_host is not None:
+        ops_changes["http_host"] = args.http_host
+    if args.http_port is not None:
+        ops_changes["http_port"] = args.http_port
+    if args.no_http:
+        ops_changes["http_port"] = None
+    if args.log_format is not None:
+        ops_changes["log_format"] = args.log_format
+    dicom = app.dicom
+    if args.dicom_dir is not None or args.pacs:
+        dicom = output_config(args)
+    return AppConfig(
+        service=service, dicom=dicom, ops=dataclasses.replace(app.ops, **ops_changes), source=app.source
+    )
+
+
+def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[ImageVolume], None]:
+    """Wrap an output sink so its time lands in the ``output:<stage>`` metric."""
+    from recon_server.ops.metrics import ERRORS, STAGES
+
+    def timed(volume: ImageVolume) -> None:
+        try:
+            with STAGES.time(stage=f"output:{stage}"):
+                sink(volume)
+        except (ValueError, OSError) as exc:
+            ERRORS.inc(where=f"output:{stage}", error=type(exc).__name__)
+            raise
+
+    timed.__name__ = stage
+    return timed
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from recon_server.dicom.deliver import SenderWorker, store_series
     from recon_server.mrd.gadget import GadgetronListener
     from recon_server.mrd.server import StreamServer
+    from recon_server.ops.logs import configure_logging
+    from recon_server.ops.runtime import start_ops
     from recon_server.pipeline import ReconWorker
 
-    config = ServiceConfig(
-        host=args.host,
-        port=args.port,
-        gadgetron_port=args.gadgetron_port,
-        gadgetron_host=args.gadgetron_host,
-        methods=dict(args.method_for),
-        default_method=args.method,
-        device=args.device,
-        output_dir=args.output_dir,
-        image_dtype=args.image_dtype,
-    )
-    if args.gadgetron_only and config.gadgetron_port is None:
-        raise ValueError("--gadgetron-only needs --gadgetron-port")
-    sinks = [volume_npy_sink(config.output_dir)] if config.output_dir else []
+    app = serve_config(args)
+    config = app.service
+    # `recon-server --log-level` beats [ops] log_level unless left at its default (INFO).
+    configure_logging(app.ops.log_format, args.log_level if args.log_level != "INFO" else app.ops.log_level)
+    if app.source is not None:
+        log.info("configuration %s", app.source)
+    sinks = [_timed("npy", volume_npy_sink(config.output_dir))] if config.output_dir else []
     stoppers: list[Callable[[], None]] = []
-    dicom = output_config(args)
+    dicom = app.dicom
+    sender = None
     if dicom is not None:
         sender = SenderWorker(dicom).start() if dicom.destinations else None
-        sinks.append(functools.partial(store_series, config=dicom, worker=sender))
+        sinks.append(_timed("dicom", functools.partial(store_series, config=dicom, worker=sender)))
         if sender is not None:
             stoppers.append(functools.partial(sender.stop, 30.0))
         print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
     worker = ReconWorker(device=config.device, max_pending=config.max_pending_scans)
-    if not args.gadgetron_only:
+    ops_server, _, stop_ops = start_ops(app, worker=worker, sender=sender)
+    stoppers.append(stop_ops)
+    if ops_server is not None and ops_server.address is not None:
+        host, port = ops_server.address
+        print(f"recon-server: health and metrics on http://{host}:{port}", flush=True)
+    if not config.gadgetron_only:
         server = StreamServer(config, sinks=sinks, worker=worker)
         host, port = server.start()
         print(f"recon-server: MRD stream server on {host}:{port}", flush=True)

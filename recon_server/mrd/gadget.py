@@ -28,6 +28,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -37,6 +38,8 @@ from recon_server.config import ServiceConfig
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.server import volume_to_images
+from recon_server.ops import logs as ops_logs
+from recon_server.ops import metrics
 from recon_server.pipeline import ReconService, ReconWorker, Sink, reconstruct
 from recon_server.recon.methods import METHODS
 from recon_server.scan import KSpaceScan
@@ -82,12 +85,14 @@ def handle_connection(
     stream = sock.makefile("rb", buffering=1 << 20)  # config and header are already consumed
     reader = wire.WireReader(stream, limits or wire.WireLimits())
     try:
+        t0 = time.perf_counter()
         props = config_properties(conn.config)
         method = props.get("method")
         if method is not None and method not in METHODS:
             raise ValueError(f"unknown reconstruction method {method!r}; known: {sorted(METHODS)}")
         header = bytes(conn.raw_bytes.header).decode("utf-8", errors="replace")
         asm = Assembler(header, config={"contrast": props["contrast"]} if "contrast" in props else None)
+        ops_logs.set_measurement(asm.measurement_id)
         while True:
             msg = reader.read_message()
             if isinstance(msg, wire.Close):
@@ -99,13 +104,27 @@ def handle_connection(
             elif not isinstance(msg, wire.Waveform):
                 raise wire.ProtocolError(f"unexpected {type(msg).__name__} message from Gadgetron")
         scans = asm.finish()
-        volumes = service.run(scans, method=method) if service is not None else _run_direct(scans, method)
+        metrics.scans_received(
+            "gadgetron",
+            scans=len(scans),
+            readouts=asm.n_lines,
+            nbytes=reader.bytes_read,
+            seconds=time.perf_counter() - t0,
+        )
+        with metrics.in_service("gadgetron", len(scans)):
+            volumes = service.run(scans, method=method) if service is not None else _run_direct(scans, method)
+        metrics.volumes_done(volumes)
+        t_send = time.perf_counter()
+        count = 0
         for volume in volumes:
             for image in volume_to_images(volume, dtype=image_dtype):
                 for chunk in wire.encode_message(image):
                     conn.socket.write(chunk)
+                count += 1
+        metrics.stream_done("gadgetron", images=count, send_seconds=time.perf_counter() - t_send)
         log.info("gadget stream: %d readouts, %d scan(s) reconstructed", asm.n_lines, len(scans))
     except (ValueError, RuntimeError, OSError) as exc:
+        metrics.stream_failed("gadgetron", exc)
         log.error("gadget stream failed: %s: %s", type(exc).__name__, exc)
         try:
             send_error(conn.socket, f"recon-server: {type(exc).__name__}: {exc}")
@@ -174,11 +193,16 @@ class GadgetronListener:
             threading.Thread(target=self.handle, args=(sock, peer), daemon=True, name=f"gt-{peer}").start()
 
     def handle(self, sock: socket.socket, peer: object) -> None:
+        with ops_logs.connection_context(peer):
+            self._handle(sock, peer)
+
+    def _handle(self, sock: socket.socket, peer: object) -> None:
         sock.settimeout(self.config.socket_timeout_s)
         try:
             conn = Connection(sock)  # reads CONFIG (2) and HEADER (3)
         except (AssertionError, ValueError, TypeError, AttributeError, struct.error, OSError) as exc:
             # gadgetron-python asserts the message order and parses the header eagerly.
+            metrics.stream_failed("gadgetron", exc)
             log.error("Gadgetron stream from %s: bad config/header: %s: %s", peer, type(exc).__name__, exc)
             try:
                 raw = wire.WireWriter(sock.makefile("wb"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 import ismrmrd
@@ -32,6 +33,8 @@ from recon_server.config import ServiceConfig
 from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, parse_config_text
+from recon_server.ops import logs as ops_logs
+from recon_server.ops import metrics
 from recon_server.pipeline import ReconService, ReconWorker, Sink
 from recon_server.recon.methods import METHODS
 from recon_server.scan import ImageVolume
@@ -104,6 +107,7 @@ class StreamSession:
         if not isinstance(msg, wire.Header):
             raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
         asm = Assembler(msg.xml)
+        ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
         self.assembler = asm
         while True:
             msg = reader.read_message()
@@ -171,21 +175,37 @@ class StreamServer:
 
     def handle(self, conn: socket.socket, peer: object) -> None:
         """Serve one stream; every failure becomes ``TEXT "ERR ..."`` + CLOSE to the peer."""
+        with ops_logs.connection_context(peer):
+            self._handle(conn, peer)
+
+    def _handle(self, conn: socket.socket, peer: object) -> None:
         conn.settimeout(self.config.socket_timeout_s)
         reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20), self.config.limits)
         writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
         try:
+            t0 = time.perf_counter()
             session = StreamSession(reader)
             asm = session.read()
             method = method_override(session.config_name, session.options)
             scans = asm.finish()
-            volumes = self.service.run(scans, method=method)
+            metrics.scans_received(
+                "mrd",
+                scans=len(scans),
+                readouts=asm.n_lines,
+                nbytes=reader.bytes_read,
+                seconds=time.perf_counter() - t0,
+            )
+            with metrics.in_service("mrd", len(scans)):
+                volumes = self.service.run(scans, method=method)
+            metrics.volumes_done(volumes)
+            t_send = time.perf_counter()
             count = 0
             for volume in volumes:
                 for image in volume_to_images(volume, dtype=self.config.image_dtype):
                     writer.send(image, flush=False)
                     count += 1
             writer.send(wire.Close())
+            metrics.stream_done("mrd", images=count, send_seconds=time.perf_counter() - t_send)
             log.info(
                 "stream from %s: %d readouts, %.1f MB, %d scan(s), %d images sent",
                 peer,
@@ -195,6 +215,7 @@ class StreamServer:
                 count,
             )
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
+            metrics.stream_failed("mrd", exc)
             log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
             try:
                 writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}"), flush=False)

@@ -1,0 +1,105 @@
+"""Structured logs: every line carries the measurement id of the scan being handled.
+
+The connection handlers (``mrd.server``, ``mrd.gadget``) call :func:`set_measurement` once the
+ISMRMRD header is parsed (and :func:`set_peer` when a connection starts); the value lives in a
+:class:`contextvars.ContextVar`, so each connection thread has its own. :class:`ContextFilter`,
+attached to the root handlers by :func:`configure_logging`, copies it onto every record as
+``record.measurement_id`` and ``record.peer`` ("-" outside a connection).
+
+Formats:
+
+``text``  ``2025-01-01 12:00:00,000 INFO recon_server.mrd.server [meas=MID_1 peer=10.0.0.5:4711]: msg``
+``json``  one object per line: ``{"time", "level", "logger", "message", "measurement_id",
+          "peer", "thread"}`` (+ ``"exception"`` when there is a traceback)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+NONE = "-"
+_MEASUREMENT: contextvars.ContextVar[str] = contextvars.ContextVar("measurement_id", default=NONE)
+_PEER: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default=NONE)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [meas=%(measurement_id)s peer=%(peer)s]: %(message)s"
+
+
+def set_measurement(measurement_id: str) -> None:
+    """Tag this thread's (context's) log lines with a scan's measurement id."""
+    _MEASUREMENT.set(measurement_id or NONE)
+
+
+def set_peer(peer: object) -> None:
+    """Tag this context's log lines with the connection's peer (``host:port``)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        peer = f"{peer[0]}:{peer[1]}"
+    _PEER.set(str(peer) if peer else NONE)
+
+
+def current_measurement() -> str:
+    return _MEASUREMENT.get()
+
+
+@contextmanager
+def connection_context(peer: object) -> Iterator[None]:
+    """Scope a connection: peer set, measurement id cleared, both restored afterwards."""
+    tokens = (_PEER.set(NONE), _MEASUREMENT.set(NONE))
+    set_peer(peer)
+    try:
+        yield
+    finally:
+        _PEER.reset(tokens[0])
+        _MEASUREMENT.reset(tokens[1])
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``measurement_id`` and ``peer`` from the context to every record (never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "measurement_id"):
+            record.measurement_id = _MEASUREMENT.get()
+        if not hasattr(record, "peer"):
+            record.peer = _PEER.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (UTC ISO time), for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        doc = {
+            "time": f"{created}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "measurement_id": getattr(record, "measurement_id", NONE),
+            "peer": getattr(record, "peer", NONE),
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
+    """Root logger: one stderr handler (created if absent) with the context filter and format.
+
+    Called by ``recon-server serve`` after the CLI's ``basicConfig``; safe to call twice.
+    """
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log format must be 'text' or 'json', got {log_format!r}")
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    formatter: logging.Formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
+    root.setLevel(getattr(logging, level))
