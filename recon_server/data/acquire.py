@@ -594,11 +594,12 @@ def write_subject(
     *,
     files: tuple[str, ...] | list[str] = ("raw", "reference", "truth"),
 ) -> dict[str, Path]:
-    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy`` (those named
+    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy``, ``labels.npz``
+    (tissue fractions and ``LESION``, float32 ``(slices, ny, nx)`` each; for evaluation) (those named
     in ``files``) and always ``subject.json`` into ``directory`` (created; files replaced)."""
-    unknown = set(files) - {"raw", "reference", "truth"}
+    unknown = set(files) - {"raw", "reference", "truth", "labels"}
     if unknown:
-        raise ValueError(f"unknown output files {sorted(unknown)}: expected raw, reference, truth")
+        raise ValueError(f"unknown output files {sorted(unknown)}: expected raw, reference, truth, labels")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -612,6 +613,9 @@ def write_subject(
     if "truth" in files:
         paths["truth"] = out / "truth.npy"
         np.save(paths["truth"], subject.truth)
+    if "labels" in files:
+        paths["labels"] = out / "labels.npz"
+        np.savez_compressed(paths["labels"], **{k: v.astype(np.float32) for k, v in subject.labels.items()})
     paths["subject"] = out / "subject.json"
     paths["subject"].write_text(json.dumps(subject.metadata, indent=1, sort_keys=True) + "\n")
     return paths
