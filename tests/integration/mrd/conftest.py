@@ -1,41 +1,16 @@
-"""Shepp-Logan raw files (Debian ismrmrd tools, with truth), a running stream server, helpers."""
+"""A running stream server and Gadgetron-side reply reader (Shepp-Logan data: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import ismrmrd
 import pytest
 
 from recon_server.config import ServiceConfig
 from recon_server.mrd.server import StreamServer
-
-TOOL = "ismrmrd_generate_cartesian_shepp_logan"
-
-
-def _generate(path: Path, *, accel: int = 1, calib: int = 0, coils: int = 4, matrix: int = 64) -> Path:
-    if shutil.which(TOOL) is None:
-        pytest.fail(f"{TOOL} not found: install the Debian package ismrmrd-tools (make deps)")
-    cmd = [TOOL, "-m", str(matrix), "-c", str(coils), "-a", str(accel), "-n", "0.05", "-C", "-o", str(path)]
-    if calib:
-        cmd += ["-w", str(calib)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-    return path
-
-
-@pytest.fixture(scope="session")
-def shepp_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _generate(tmp_path_factory.mktemp("sl") / "full.h5")
-
-
-@pytest.fixture(scope="session")
-def shepp_accel2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _generate(tmp_path_factory.mktemp("sl") / "accel2.h5", accel=2, calib=16)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import ismrmrd
 import numpy as np
 import pytest
 from gadgetron.types import recon_data as gt
 
+from recon_server import metrics
 from recon_server.config import ServiceConfig
 from recon_server.data import ismrmrd_io
 from recon_server.mrd.assemble import Assembler
@@ -33,16 +33,9 @@ CONFIG = b'<configuration><property name="method" value="zero-filled"/></configu
 NRMSE_FULL = 0.26  # zero-filled of the fully sampled phantom; measured 0.196
 
 
-def phantom(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        ph = f["dataset/phantom"][0]
-    return np.abs(ph["real"] + 1j * ph["imag"])
-
-
 def nrmse(image: np.ndarray, truth: np.ndarray) -> float:
-    image = np.abs(np.asarray(image, dtype=np.float64))
-    scale = (image * truth).sum() / max((image * image).sum(), 1e-30)
-    return float(np.linalg.norm(scale * image - truth) / np.linalg.norm(truth))
+    """NRMSE after the least-squares intensity scale (recon units are arbitrary)."""
+    return metrics.nrmse(image, truth, fit_scale=True)
 
 
 class _Sock:
@@ -116,7 +109,7 @@ def _read_replies(sock: socket.socket) -> tuple[list[ismrmrd.Image], list[str], 
             raise AssertionError(f"Gadgetron rejects message id {mid} from an external peer")
 
 
-def test_execute_mode_subprocess(shepp_full: Path) -> None:
+def test_execute_mode_subprocess(shepp_truth, shepp_full: Path) -> None:
     """Gadgetron's <execute>: it listens, runs ``python -m gadgetron <port> module target``."""
     listener = socket.create_server(("localhost", 0))
     port = listener.getsockname()[1]
@@ -140,7 +133,7 @@ def test_execute_mode_subprocess(shepp_full: Path) -> None:
         listener.close()
     assert errors == [] and closed
     assert len(images) == 1 and images[0].meta["ReconMethod"] == "zero-filled"
-    assert nrmse(images[0].data[0, 0], phantom(shepp_full)) < NRMSE_FULL
+    assert nrmse(images[0].data[0, 0], shepp_truth(shepp_full)[0]) < NRMSE_FULL
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +145,7 @@ def gadget_listener() -> Iterator[tuple[str, int]]:
     listener.worker.close()
 
 
-def test_connect_listener_recon_data(gadget_listener: tuple[str, int], shepp_full: Path) -> None:
+def test_connect_listener_recon_data(shepp_truth, gadget_listener: tuple[str, int], shepp_full: Path) -> None:
     header, recon = _recon_data(shepp_full)
     for _ in range(2):  # the listener keeps serving one stream after another
         with socket.create_connection(gadget_listener, timeout=60) as sock:
@@ -162,7 +155,7 @@ def test_connect_listener_recon_data(gadget_listener: tuple[str, int], shepp_ful
             sock.sendall(struct.pack("<H", 4))
             images, errors, closed = _read_replies(sock)
         assert errors == [] and closed and len(images) == 1
-        assert nrmse(images[0].data[0, 0], phantom(shepp_full)) < NRMSE_FULL
+        assert nrmse(images[0].data[0, 0], shepp_truth(shepp_full)[0]) < NRMSE_FULL
 
 
 def test_connect_listener_acquisitions_and_errors(gadget_listener: tuple[str, int], shepp_full: Path) -> None:

@@ -11,27 +11,18 @@ import sys
 import threading
 from pathlib import Path
 
-import h5py
 import ismrmrd
 import numpy as np
 import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
-from recon_server import cli
+from recon_server import cli, metrics
 from recon_server.mrd.server import StreamServer
-
-
-def phantom(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        ph = f["dataset/phantom"][0]
-    return np.abs(ph["real"] + 1j * ph["imag"])
 
 
 def nrmse(image: np.ndarray, truth: np.ndarray) -> float:
     """NRMSE after the least-squares intensity scale (recon units are arbitrary)."""
-    image = np.abs(np.asarray(image, dtype=np.float64))
-    scale = (image * truth).sum() / max((image * image).sum(), 1e-30)
-    return float(np.linalg.norm(scale * image - truth) / np.linalg.norm(truth))
+    return metrics.nrmse(image, truth, fit_scale=True)
 
 
 # Measured (python /tmp script over pipeline.reconstruct, this data): zero-filled of the fully
@@ -76,7 +67,7 @@ def _raw_exchange(address: tuple[str, int], payload: bytes, *, half_close: bool 
     return [t for t in texts if isinstance(t, str)]
 
 
-def test_ismrmrd_python_client_gets_images(server: StreamServer, shepp_full: Path) -> None:
+def test_ismrmrd_python_client_gets_images(shepp_truth, server: StreamServer, shepp_full: Path) -> None:
     assert server.address is not None
     images, texts = _client_scan(shepp_full, server.address)
     assert texts == []
@@ -86,17 +77,19 @@ def test_ismrmrd_python_client_gets_images(server: StreamServer, shepp_full: Pat
     assert img.meta["SeriesDescription"].endswith("[recon: zero-filled]")
     assert float(img.meta["WindowWidth"]) > 0
     assert img.meta["ImageType"] == "ORIGINAL\\PRIMARY\\OTHER\\M"
-    assert nrmse(img.data[0, 0], phantom(shepp_full)) < NRMSE_FULL
+    assert nrmse(img.data[0, 0], shepp_truth(shepp_full)[0]) < NRMSE_FULL
 
 
-def test_json_text_selects_cg_sense_for_accelerated_scan(server: StreamServer, shepp_accel2: Path) -> None:
+def test_json_text_selects_cg_sense_for_accelerated_scan(
+    shepp_truth, server: StreamServer, shepp_accel2: Path
+) -> None:
     assert server.address is not None
     images, texts = _client_scan(shepp_accel2, server.address, text='{"method": "cg-sense"}')
     assert texts == []
     assert len(images) == 2  # repetitions 0 and 1 of the interleaved acquisition
     assert images[0].meta["ReconMethod"] == "cg-sense"
     for img in images:
-        assert nrmse(img.data[0, 0], phantom(shepp_accel2)) < NRMSE_CG_R2
+        assert nrmse(img.data[0, 0], shepp_truth(shepp_accel2)[0]) < NRMSE_CG_R2
 
 
 def _header_bytes(path: Path) -> bytes:
@@ -165,7 +158,7 @@ def test_client_disconnecting_mid_scan(
     assert len(images) == 1
 
 
-def test_two_scans_at_once(server: StreamServer, shepp_full: Path, shepp_accel2: Path) -> None:
+def test_two_scans_at_once(shepp_truth, server: StreamServer, shepp_full: Path, shepp_accel2: Path) -> None:
     assert server.address is not None
     results: dict[str, tuple] = {}
 
@@ -178,9 +171,9 @@ def test_two_scans_at_once(server: StreamServer, shepp_full: Path, shepp_accel2:
     for t in threads:
         t.join(120)
     assert len(results["a"][0]) == 1 and len(results["b"][0]) == 2
-    assert nrmse(results["a"][0][0].data[0, 0], phantom(shepp_full)) < NRMSE_FULL
+    assert nrmse(results["a"][0][0].data[0, 0], shepp_truth(shepp_full)[0]) < NRMSE_FULL
     # Zero-filled R=2 is aliased but must still be the right object (a swap would fail here).
-    assert nrmse(results["b"][0][0].data[0, 0], phantom(shepp_accel2)) < 0.8
+    assert nrmse(results["b"][0][0].data[0, 0], shepp_truth(shepp_accel2)[0]) < 0.8
     assert results["a"][1] == [] and results["b"][1] == []
 
 

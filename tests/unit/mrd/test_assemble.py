@@ -14,14 +14,6 @@ from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, contrast_label, parse_header, remove_readout_oversampling
 
 
-def _truth(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ph, csm = f["dataset/phantom"][0], f["dataset/csm"][0]
-    return np.abs(ph["real"] + 1j * ph["imag"]), csm["real"] + 1j * csm["imag"]
-
-
 def _assemble(path: Path) -> list:
     raw = ismrmrd_io.read_raw(path)
     asm = Assembler(raw.header_xml)
@@ -37,14 +29,14 @@ def _nrmse_csm_combined(kspace: np.ndarray, ph: np.ndarray, csm: np.ndarray) -> 
     return float(np.linalg.norm(scale * comb - ph) / np.linalg.norm(ph))
 
 
-def test_fully_sampled_scan_matches_truth(shepp_full: Path) -> None:
+def test_fully_sampled_scan_matches_truth(shepp_full: Path, shepp_truth) -> None:
     (scan,) = _assemble(shepp_full)
     assert scan.kspace.shape == (1, 4, 64, 64)  # 128 oversampled readout points -> 64
     assert scan.noise is not None and scan.noise.shape == (4, 128)
     assert scan.acceleration == 1.0 and scan.mask.all()
     assert scan.geometry[0].fov_mm == (300.0, 300.0, 6.0)
     assert scan.geometry[0].read_dir == (1.0, 0.0, 0.0)  # zero vectors in the file -> identity
-    ph, csm = _truth(shepp_full)
+    ph, csm = shepp_truth(shepp_full)
     # With the true coil maps only noise (level 0.05) remains; measured 0.165.
     assert _nrmse_csm_combined(scan.kspace[0], ph, csm) < 0.22
     # A transposed or flipped placement would be far off.
