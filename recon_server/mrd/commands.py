@@ -91,6 +91,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
     p.add_argument("--method", default=None, help="method (default: per contrast, cg-sense)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint of the diffusion methods")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="denoiser backend of the no-backprop diffusion methods (onnx: MODEL_DIR/denoiser.onnx)",
+    )
+    p.add_argument("--onnx-file", type=Path, default=None, help="ONNX file for --backend onnx")
     add_output_args(p)
     p.add_argument("--send-timeout", type=float, default=60.0, help="seconds to try sending to the PACS")
     p.set_defaults(func=cmd_recon)
@@ -246,6 +254,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_model(args: argparse.Namespace) -> None:
+    """Point the diffusion methods at ``--model-dir`` and, for ``--backend onnx``, inject the
+    ONNX Runtime denoiser (the samplers without backprop run on it; ``dps`` refuses it)."""
+    from recon_server.dpm.onnx import load_denoiser
+    from recon_server.recon.methods import configure_diffusion
+
+    if args.backend == "onnx" and args.model_dir is None:
+        raise ValueError("--backend onnx needs --model-dir (its card names the contrast slots)")
+    if args.model_dir is not None:
+        configure_diffusion(model_dir=args.model_dir)
+    if args.backend == "onnx":
+        denoiser = load_denoiser(args.model_dir, backend="onnx", device=args.device, onnx_file=args.onnx_file)
+        configure_diffusion(denoiser=denoiser)
+
+
 def cmd_recon(args: argparse.Namespace) -> int:
     from recon_server.data import ismrmrd_io
     from recon_server.dicom.deliver import store_series
@@ -256,6 +279,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from recon_server.pipeline import reconstruct
 
     config = ServiceConfig(device=args.device)
+    _configure_model(args)
     raw = ismrmrd_io.read_raw(args.file)
     asm = Assembler(raw.header_xml)
     for head, data in zip(raw.acquisition_headers, raw.data, strict=True):

@@ -301,14 +301,17 @@ def observe_provenance(settings: dict[str, object]) -> None:
     """Record the reconstruction times a volume's provenance carries.
 
     ``settings["seconds"]`` (the whole ``pipeline.reconstruct``) -> stage ``reconstruct``; any
-    other number whose key ends in ``_seconds`` (``coil_maps_seconds``, ``sampler_seconds``) ->
-    a stage of that name without the suffix; a dict ``settings["timings"]`` of
+    other number whose key starts with ``seconds_`` (the pipeline's ``seconds_prewhiten``,
+    ``seconds_coils``, ``seconds_method``) or ends in ``_seconds`` -> a stage of that name
+    without the affix; a dict ``settings["timings"]`` of
     ``stage -> seconds`` -> those stages.
     """
     stages: dict[str, object] = {}
     for key, value in settings.items():
         if key == "seconds":
             stages["reconstruct"] = value
+        elif key.startswith("seconds_"):
+            stages[key.removeprefix("seconds_")] = value
         elif key.endswith("_seconds"):
             stages[key.removesuffix("_seconds")] = value
     timings = settings.get("timings")

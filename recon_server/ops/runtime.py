@@ -92,6 +92,9 @@ class ModelLoader:
 
     def start(self) -> ModelLoader:
         if self.app.service.model_dir is not None:
+            from recon_server.recon.methods import configure_diffusion
+
+            configure_diffusion(model_dir=self.app.service.model_dir, device=self.app.service.device)
             self.state = "loading"
             self._thread = threading.Thread(target=self._load, name="model-load", daemon=True)
             self._thread.start()
@@ -101,17 +104,25 @@ class ModelLoader:
 
     def _load(self) -> None:
         from recon_server.dpm.onnx import OnnxDenoiser, load_denoiser
+        from recon_server.recon.engine import load_model
+        from recon_server.recon.methods import configure_diffusion
 
         s = self.app.service
         t0 = time.perf_counter()
         try:
-            self.denoiser = load_denoiser(
-                s.model_dir,  # type: ignore[arg-type]
-                backend=s.backend,
-                device=s.device,
-                onnx_file=s.resolved_onnx_file if s.backend == "onnx" else None,
-                providers=s.onnx_providers or None,
-            )
+            if s.backend == "onnx":
+                self.denoiser = load_denoiser(
+                    s.model_dir,  # type: ignore[arg-type]
+                    backend="onnx",
+                    device=s.device,
+                    onnx_file=s.resolved_onnx_file,
+                    providers=s.onnx_providers or None,
+                )
+                # The no-backprop samplers run on the injected ONNX Runtime denoiser.
+                configure_diffusion(model_dir=s.model_dir, denoiser=self.denoiser)
+            else:
+                # Warms the engine's model cache: the first scan does not pay the load.
+                self.denoiser, _ = load_model(s.model_dir, s.device)  # type: ignore[arg-type]
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             self.state = f"failed: {type(exc).__name__}: {exc}"
             log.error("model %s did not load: %s", s.model_dir, exc)

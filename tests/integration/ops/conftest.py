@@ -1,0 +1,102 @@
+"""A small raw file with a measurement id (Debian ismrmrd tools), and a running ``serve``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import pytest
+
+TOOL = "ismrmrd_generate_cartesian_shepp_logan"
+MEASUREMENT_ID = "OPS_TEST_MEAS_42"
+
+
+@pytest.fixture(scope="session")
+def raw_with_id(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2x undersampled Shepp-Logan (48x48, 4 coils) whose header carries a measurement id."""
+    if shutil.which(TOOL) is None:
+        pytest.fail(f"{TOOL} not found: install the Debian package ismrmrd-tools (make deps)")
+    path = tmp_path_factory.mktemp("ops-raw") / "scan.h5"
+    cmd = [TOOL, "-m", "48", "-c", "4", "-a", "2", "-w", "16", "-n", "0.05", "-C", "-o", str(path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    with h5py.File(path, "r+") as f:
+        xml = f["dataset/xml"][0]
+        xml = xml.decode() if isinstance(xml, bytes) else str(xml)
+        info = (
+            f"<measurementInformation><measurementID>{MEASUREMENT_ID}</measurementID>"
+            "<patientPosition>HFS</patientPosition></measurementInformation>"
+        )
+        pattern = r"(<(acquisitionSystemInformation|experimentalConditions)>)"
+        patched, n = re.subn(pattern, info + r"\1", xml, count=1)
+        assert n == 1, "unexpected header layout"
+        del f["dataset/xml"]
+        f.create_dataset("dataset/xml", data=[patched.encode()], dtype=h5py.string_dtype())
+    return path
+
+
+@dataclass
+class Served:
+    mrd: tuple[str, int]
+    http: str
+    log_path: Path
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``recon-server serve --config`` in a subprocess: free ports, JSON logs, DICOM output."""
+    tmp = tmp_path_factory.mktemp("serve")
+    config = tmp / "recon-server.toml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            [server]
+            port = 0
+            socket_timeout_s = 60
+            [recon]
+            default_method = "zero-filled"
+            [dicom]
+            output_dir = "dicom"
+            spool_dir = "spool"
+            [ops]
+            http_port = 0
+            log_format = "json"
+            """
+        )
+    )
+    log_path = tmp / "serve.log"
+    log_file = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recon_server.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+    )
+    assert proc.stdout is not None
+    mrd = http = None
+    deadline = time.monotonic() + 120
+    while (mrd is None or http is None) and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if m := re.search(r"MRD stream server on ([\d.]+):(\d+)", line):
+            mrd = (m.group(1), int(m.group(2)))
+        if m := re.search(r"health and metrics on (http://[\d.]+:\d+)", line):
+            http = m.group(1)
+    if mrd is None or http is None:
+        proc.kill()
+        pytest.fail(f"serve did not start: {log_path.read_text()[-3000:]}")
+    try:
+        yield Served(mrd=mrd, http=http, log_path=log_path, proc=proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log_file.close()
