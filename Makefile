@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel of this version ships on the build machines; a bare `torch` would pull CUDA builds.
 TORCH_SPEC ?= torch==2.13.0
-DEB_PACKAGES := orthanc dicom3tools dcmtk ismrmrd-tools bart mricron-data
+DEB_PACKAGES := orthanc dicom3tools dcmtk ismrmrd-tools bart mricron-data docker-compose
 DEMO_OUT ?= demo-out
 
 .PHONY: all venv deps test lint typecheck unit demo bench clean
