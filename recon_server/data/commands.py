@@ -120,31 +120,35 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def write_preview(config: object, path: Path, *, seed: int, index: int) -> Path:
-    """PNG contact sheet: the middle slice of one subject in every contrast (columns), without
-    and with lesions (rows), noiseless magnitude. Needs matplotlib."""
-    try:
-        import matplotlib
+    """PNG contact sheet: one slice of one subject in every contrast (columns), without and with
+    lesions (rows), noiseless magnitude. The slice is the one where the lesions change the FLAIR
+    image most, so a person sees them."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # matplotlib is in the dev extra
-        raise ValueError(f"--preview needs matplotlib ({exc})") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from recon_server.data import acquire
 
     assert isinstance(config, acquire.SimulationConfig)
-    fig, axes = plt.subplots(2, len(CONTRASTS), figsize=(3 * len(CONTRASTS), 6.4), facecolor="black")
-    for col, label in enumerate(CONTRASTS):
-        for row, lesions in enumerate((False, True)):
+    images: dict[tuple[str, bool], np.ndarray] = {}
+    for label in CONTRASTS:
+        for lesions in (False, True):
             cfg = dataclasses.replace(
                 config, contrast=label, lesions=lesions, coils=1, tr=None, te=None, ti=None, snr=None
             )
-            subject = acquire.simulate_subject(cfg, seed=seed, index=index)
-            image = np.abs(subject.truth[cfg.slices // 2])
+            images[label, lesions] = np.abs(acquire.simulate_subject(cfg, seed=seed, index=index).truth)
+    change = np.abs(images["FLAIR", True] - images["FLAIR", False]).sum(axis=(1, 2))
+    shown = int(np.argmax(change)) if change.max() > 0 else config.slices // 2
+    fig, axes = plt.subplots(2, len(CONTRASTS), figsize=(3 * len(CONTRASTS), 6.4), facecolor="black")
+    for col, label in enumerate(CONTRASTS):
+        for row, lesions in enumerate((False, True)):
+            image = images[label, lesions][shown]
             ax = axes[row, col]
             ax.imshow(image, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)))
             ax.set_title(f"{label}{' + lesions' if lesions else ''}", color="white", fontsize=10)
             ax.axis("off")
-    fig.suptitle(f"recon-server simulate: sub-{index:03d}, seed {seed}", color="white")
+    fig.suptitle(f"recon-server simulate: sub-{index:03d}, seed {seed}, slice {shown}", color="white")
     fig.tight_layout()
     fig.savefig(path, dpi=80, facecolor="black", metadata={"Software": "recon-server"})
     plt.close(fig)
