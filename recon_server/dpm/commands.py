@@ -60,6 +60,11 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     p.add_argument("--name", default="", help="model name in the card")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--crop",
+        type=_positive_int,
+        help="train on random N x N windows of the slices (same pixel size; the U-Net is convolutional)",
+    )
+    p.add_argument(
         "--stop-at-step", type=_positive_int, help="checkpoint and stop at this step (resume later)"
     )
 
@@ -73,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre = phases.add_parser("pretrain", help="pre-train on several contrasts", formatter_class=fmt)
     _common(pre, lr=1e-4, batch=32)
     pre.add_argument("--contrasts", required=True, help="comma-separated, e.g. T1,T2,T1POST")
-    pre.add_argument("--model-size", choices=["tiny", "demo", "paper"], default="demo")
+    pre.add_argument("--model-size", choices=["tiny", "cpu", "demo", "paper"], default="demo")
     pre.add_argument("--joint", metavar="CONTRAST", help="also train on this target contrast at once")
     pre.add_argument("--target-subjects", type=_positive_int, help="cap on --joint training subjects")
     pre.set_defaults(func=_run_pretrain)
@@ -134,6 +139,7 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported la
         max_subjects=args.max_subjects,
         progress=not args.no_progress,
         stop_at_step=args.stop_at_step,
+        crop=args.crop,
     )
 
 

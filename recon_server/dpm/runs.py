@@ -65,6 +65,7 @@ class RunOptions:
     max_subjects: int | None = None
     progress: bool = True
     stop_at_step: int | None = None
+    crop: int | None = None
 
 
 def _val_split(
@@ -119,6 +120,7 @@ def _train_config(opts: RunOptions, *, mode: str, n_train: int, default_epochs: 
         num_workers=opts.workers,
         progress=opts.progress,
         stop_at_step=opts.stop_at_step,
+        crop=opts.crop,
         name=opts.name or f"{mode}-{opts.out.name}",
     )
 

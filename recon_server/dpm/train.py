@@ -41,7 +41,7 @@ from tqdm import tqdm
 from recon_server.dpm.checkpoint import load_training_state, save_checkpoint, save_training_state
 from recon_server.dpm.edm import EDMLoss, loss_weight
 from recon_server.dpm.schedule import EMA, LRSchedule
-from recon_server.dpm.trainset import SliceSet, StepBatchSampler, mix_seed
+from recon_server.dpm.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
 from recon_server.dpm.unet import EDMDenoiser, count_parameters
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class TrainConfig:
     label_dropout: float = 0.0
     num_workers: int = 0
     progress: bool = True
+    crop: int | None = None  # train on random crop x crop windows (same pixel size; see trainset)
     stop_at_step: int | None = None  # end this invocation early (checkpointed) for --resume later
     name: str = "recon-server-dpm"
 
@@ -235,6 +236,8 @@ def train(
         for key in ("global_batch", "seed", "lr", "total_steps"):
             if saved[key] != config.to_dict()[key]:
                 raise ValueError(f"cannot resume: {key} was {saved[key]}, now {config.to_dict()[key]}")
+        if saved.get("crop") != config.crop:
+            raise ValueError(f"cannot resume: crop was {saved.get('crop')}, now {config.crop}")
         start_step, wall_before = int(meta["step"]), float(meta["wall_time_s"])
         best, history = meta.get("best"), meta.get("history", [])
     if info.is_main:
@@ -281,6 +284,10 @@ def train(
     step = start_step
     sl = slice(info.rank * local, (info.rank + 1) * local)
     for step, (x_cpu, contrasts, _) in zip(range(start_step, config.total_steps), loader, strict=True):
+        if config.crop is not None:  # offsets of the whole global batch; this rank takes its share
+            hw = (x_cpu.shape[2], x_cpu.shape[3])
+            corners = crop_offsets(step, global_batch=gb, size=hw, crop=config.crop, seed=config.seed)
+            x_cpu = crop_batch(x_cpu, corners[sl], config.crop)
         x = x_cpu.to(dev, non_blocking=True)
         idx = torch.tensor([model.contrast_index(c) for c in contrasts], device=dev)
         onehot = F.one_hot(idx, model.config.num_slots).float()
@@ -424,6 +431,7 @@ def _card_training(
         "train_slices": len(train_set),
         "epochs": images / len(train_set),
         "global_batch": config.global_batch,
+        "crop": config.crop,
         "optimizer": {"name": "adam", "betas": [0.9, 0.999], "eps": 1e-8},
         "lr_schedule": config.lr.to_dict(),
         "effective_lr_last": lr,

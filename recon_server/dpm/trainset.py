@@ -16,6 +16,10 @@ The trainer reads it with :class:`NpySliceSet` rather than ``data.slices.SliceDa
 it needs the subject of each slice without loading it and no hidden random state (that
 dataset's random flips would break the exact-resume and DDP-equivalence guarantees).
 
+Random crops (:func:`crop_batch`, ``--crop N``): the offsets of the whole global batch come from a
+generator seeded by ``(seed, step, 3)`` and each rank takes its share, so cropping keeps both
+guarantees below (any world size sees the same crops; a resumed run continues identically).
+
 Global batches (:func:`global_batch_positions`): the data stream is the concatenation of one
 permutation per epoch (epoch ``e`` shuffled by a generator seeded from ``(seed, e)``); optimizer
 step ``k`` consumes stream positions ``[k B, (k + 1) B)``, and rank ``r`` of ``W`` takes the
@@ -320,3 +324,27 @@ class StepBatchSampler(Sampler[list[int]]):
         for step in range(self.start, self.total):
             batch = global_batch_positions(step, n=self.n, global_batch=self.global_batch, seed=self.seed)
             yield batch[self.rank * local : (self.rank + 1) * local]
+
+
+def crop_offsets(
+    step: int, *, global_batch: int, size: tuple[int, int], crop: int, seed: int
+) -> torch.Tensor:
+    """Top-left corners ``(global_batch, 2)`` of the random ``crop x crop`` windows of step ``step``.
+
+    Uniform over the valid corners of an ``size = (H, W)`` image, from a CPU generator seeded by
+    ``mix_seed(seed, step, 3)``: a function of the step alone (the same for every rank).
+    """
+    h, w = size
+    if not 1 <= crop <= min(h, w):
+        raise ValueError(f"crop {crop} must be between 1 and the image size {h}x{w}")
+    gen = torch.Generator().manual_seed(_mix(seed, step, 3))
+    rows = torch.randint(0, h - crop + 1, (global_batch,), generator=gen)
+    cols = torch.randint(0, w - crop + 1, (global_batch,), generator=gen)
+    return torch.stack([rows, cols], dim=1)
+
+
+def crop_batch(x: torch.Tensor, offsets: torch.Tensor, crop: int) -> torch.Tensor:
+    """``x[b, :, r:r+crop, c:c+crop]`` for each item ``b`` with ``offsets[b] = (r, c)``."""
+    if offsets.shape != (x.shape[0], 2):
+        raise ValueError(f"offsets must be ({x.shape[0]}, 2), got {tuple(offsets.shape)}")
+    return torch.stack([x[b, :, r : r + crop, c : c + crop] for b, (r, c) in enumerate(offsets.tolist())])

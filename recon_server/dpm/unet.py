@@ -114,6 +114,9 @@ MODEL_SIZES: dict[str, UNetConfig] = {
     "tiny": UNetConfig(base_channels=12, channel_mults=(1, 2), num_blocks=1, attn_levels=(1,), emb_mult=2),
     # shipped demo model: ~7M parameters (29 MB in float32), 4 levels (attention at 1/8 resolution)
     "demo": UNetConfig(base_channels=32, channel_mults=(1, 2, 4, 4), num_blocks=2, attn_levels=(3,)),
+    # CPU stand-in for the shipped model when no GPU is available: ~0.5M parameters (2 MB), 4 levels,
+    # one block per level, attention at 1/8 resolution; ~10 GFLOP per forward at 256x256 (demo: 84)
+    "cpu": UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), num_blocks=1, attn_levels=(3,)),
     # the paper's network size: DDPM++-like, cbase 128, cres 1,1,2,2,2,2,2, 4 blocks per level
     # (~113M parameters; the group's EDM ddpmpp has about 102M)
     "paper": UNetConfig(

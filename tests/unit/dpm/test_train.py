@@ -19,6 +19,8 @@ from recon_server.dpm.trainset import (
     SliceSet,
     StepBatchSampler,
     TensorSliceSet,
+    crop_batch,
+    crop_offsets,
     global_batch_positions,
     mix_seed,
     open_training_set,
@@ -150,6 +152,43 @@ def test_global_batches_cover_epochs_and_split_over_ranks() -> None:
     with pytest.raises(ValueError, match="divisible"):
         StepBatchSampler(n, global_batch=5, rank=0, world_size=2, seed=0, start_step=0, total_steps=1)
     assert steps_for_epochs(2.0, n_slices=10, global_batch=4) == 5
+
+
+def test_random_crops_are_windows_fixed_by_the_step() -> None:
+    x = torch.arange(4 * 2 * 10 * 12, dtype=torch.float32).reshape(4, 2, 10, 12)
+    corners = crop_offsets(7, global_batch=4, size=(10, 12), crop=6, seed=5)
+    assert torch.equal(corners, crop_offsets(7, global_batch=4, size=(10, 12), crop=6, seed=5))
+    assert not torch.equal(corners, crop_offsets(8, global_batch=4, size=(10, 12), crop=6, seed=5))
+    assert int(corners[:, 0].max()) <= 4 and int(corners[:, 1].max()) <= 6 and int(corners.min()) >= 0
+    out = crop_batch(x, corners, 6)
+    assert out.shape == (4, 2, 6, 6)
+    for b, (r, c) in enumerate(corners.tolist()):
+        assert torch.equal(out[b], x[b, :, r : r + 6, c : c + 6])
+    # rank shares of the global batch's corners reassemble the one-process crops
+    halves = [crop_batch(x[k : k + 2], corners[k : k + 2], 6) for k in (0, 2)]
+    assert torch.equal(torch.cat(halves), out)
+    many = crop_offsets(0, global_batch=2000, size=(10, 12), crop=6, seed=0)
+    assert set(many[:, 0].tolist()) == set(range(5)) and set(many[:, 1].tolist()) == set(range(7))
+    with pytest.raises(ValueError, match="crop 11"):
+        crop_offsets(0, global_batch=1, size=(10, 12), crop=11, seed=0)
+
+
+def test_crop_training_resumes_identically(toy_set: TensorSliceSet, tmp_path: Path) -> None:
+    cfg = _config(4, crop=8, ckpt_every=2)
+    straight = build_denoiser("tiny", ["T1", "T2"], seed=1)
+    train(straight, toy_set, config=cfg, out_dir=tmp_path / "a")
+    first = build_denoiser("tiny", ["T1", "T2"], seed=1)
+    train(first, toy_set, config=_config(4, crop=8, ckpt_every=2, stop_at_step=2), out_dir=tmp_path / "b")
+    resumed = build_denoiser("tiny", ["T1", "T2"], seed=1)
+    train(resumed, toy_set, config=cfg, out_dir=tmp_path / "b", resume=True)
+    a, b = _tensors(tmp_path / "a", "model"), _tensors(tmp_path / "b", "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    uncropped = build_denoiser("tiny", ["T1", "T2"], seed=1)
+    train(uncropped, toy_set, config=_config(4, ckpt_every=2), out_dir=tmp_path / "c")
+    c = _tensors(tmp_path / "c", "model")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the crop changes what is trained on
+    with pytest.raises(ValueError, match="cannot resume: crop"):
+        train(resumed, toy_set, config=_config(4, crop=12, ckpt_every=2), out_dir=tmp_path / "b", resume=True)
 
 
 def test_subject_split_is_deterministic_and_disjoint(make_toy) -> None:  # noqa: ANN001
