@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recon_server.bart import write_cfl
 from recon_server.data.masks import acs_region, equispaced_mask, mask_2d
 from recon_server.metrics import nrmse, ssim
 from recon_server.recon.classic import (
@@ -128,19 +129,6 @@ def timed(fn: Callable[[], object], repeats: int, sync: bool = False) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def write_cfl(path: Path, array: np.ndarray) -> None:
-    """BART ``.cfl``/``.hdr`` pair: complex64, column-major, dims padded to 16."""
-    dims = list(array.shape) + [1] * (16 - array.ndim)
-    path.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, dims)) + "\n")
-    np.asfortranarray(array.astype(np.complex64)).ravel(order="F").tofile(path.with_suffix(".cfl"))
-
-
-def read_cfl(path: Path) -> np.ndarray:
-    dims = [int(d) for d in path.with_suffix(".hdr").read_text().splitlines()[1].split()]
-    data = np.fromfile(path.with_suffix(".cfl"), dtype=np.complex64)
-    return data.reshape(dims, order="F")
 
 
 # --------------------------------------------------------------------------- speed

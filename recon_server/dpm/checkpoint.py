@@ -246,6 +246,23 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     return ModelCard.from_dict(data)
 
 
+def update_card_sampler_defaults(
+    path: str | os.PathLike[str], sampler_defaults: Mapping[str, Any]
+) -> ModelCard:
+    """Replace the card's ``sampler_defaults`` (e.g. tuned zeta per acceleration), atomically.
+
+    Only ``card.json`` changes; the weights and their sha256 entries stay as they are, so
+    :func:`load_checkpoint` keeps verifying the checkpoint. Returns the new card.
+    """
+    directory = resolve_checkpoint(path)
+    card = read_card(directory)
+    card.sampler_defaults = json.loads(json.dumps(dict(sampler_defaults)))  # JSON-able, deep copy
+    tmp = directory / (CARD_FILE + ".tmp")
+    tmp.write_text(card.to_json())
+    tmp.replace(directory / CARD_FILE)
+    return card
+
+
 def check_state_matches(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
     """Raise CheckpointError naming missing/unexpected tensors and shape or dtype mismatches."""
     expected = model.state_dict()

@@ -261,7 +261,12 @@ def volume_scale(kspace: Tensor, maps: Tensor, mask: Tensor | np.ndarray) -> Ten
     t0, t1 = centre_acs(kspace.shape[-2], TRAINING_CENTER_FRACTION)
     if start <= t0 and t1 <= stop:
         start, stop = t0, t1
-    return slice_scale(kspace[:, :, start:stop, :], maps, acs=(start, stop))
+    scale = slice_scale(kspace[:, :, start:stop, :], maps, acs=(start, stop))
+    if bool((scale <= 1e-19).any()):  # slice_scale clamps a zero percentile to 1e-20
+        raise ValueError(
+            "the ACS image of a slice is zero (empty coil maps or calibration): no intensity scale"
+        )
+    return scale
 
 
 def _check_volume(kspace: Tensor, maps: Tensor) -> None:

@@ -1,0 +1,210 @@
+"""The paper's two experiments (arXiv 2603.13007) at a scale chosen on the command line.
+
+Experiment 1 (training strategies, NRMSE at R = 4, 5, 6 on held-out FLAIR subjects):
+
+- ``finetuned-N``: the pre-trained model (``--pretrained``, or pre-trained here on
+  ``--pretrain-data``) fine-tuned on N FLAIR subjects (new slot, lr 1e-5, constant);
+- ``scratch-N``: trained from scratch on the same N FLAIR subjects;
+- ``many``: trained from scratch on every FLAIR training subject of ``--flair-data``;
+- ``joint``: pre-training data and the N FLAIR subjects in one run (FLAIR slot from the start).
+
+Experiment 2 (fine-tuning ablation): learning rates (``--lrs``, paper 5e-4, 1e-4, 5e-5, 1e-5) x
+fine-tuning lengths (``--lengths``, epochs over the N subjects; paper 650 is ~2% of pre-training),
+NRMSE at ``--ablation-accel``.
+
+Every model is trained by :mod:`recon_server.dpm.runs` (held-out validation subjects of FLAIR by the
+fixed split) and evaluated by :func:`recon_server.evaluate.run_evaluation` with ``--method``
+(``dps-fast`` by default: the faithful ``dps`` costs ~15x more network evaluations). Outputs in
+``--out``: ``runs/<model>/`` (checkpoints), ``eval/<model>/`` (evaluation files),
+``experiment.json`` and ``experiment.md`` (tables with the command and the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PAPER_LRS = "5e-4,1e-4,5e-5,1e-5"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``recon-server experiment paper``."""
+    from recon_server.recon.commands import _float_list, _int_list, _model_options, _positive_int
+
+    p.add_argument(
+        "--pretrained", type=Path, help="pre-trained checkpoint (else pre-train on --pretrain-data)"
+    )
+    p.add_argument("--pretrain-data", type=Path, nargs="*", default=[], help="prepared T1/T2/T1POST slices")
+    p.add_argument("--contrasts", default="T1,T2,T1POST", help="pre-training contrasts")
+    p.add_argument("--flair-data", type=Path, required=True, help="prepared FLAIR slices (training subjects)")
+    p.add_argument("--data", type=Path, required=True, help="held-out simulated FLAIR subjects (sub-XXX/)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model-size", default="demo")
+    p.add_argument("--target-subjects", type=_positive_int, default=20, help="N FLAIR subjects")
+    p.add_argument("--pretrain-epochs", type=float, default=200.0)
+    p.add_argument("--scratch-epochs", type=float, help="scratch/many epochs (default: --pretrain-epochs)")
+    p.add_argument("--finetune-epochs", type=float, help="default: 2%% of the pre-training epochs")
+    p.add_argument("--finetune-lr", type=float, default=1e-5)
+    p.add_argument("--lrs", type=_float_list, default=[float(v) for v in PAPER_LRS.split(",")])
+    p.add_argument(
+        "--lengths", type=_float_list, help="fine-tuning epochs for experiment 2 (default: 0.5x, 1x, 2x)"
+    )
+    p.add_argument("--accel", type=_int_list, default=[4, 5, 6])
+    p.add_argument("--ablation-accel", type=int, default=4)
+    p.add_argument("--method", default="dps-fast")
+    p.add_argument("--subjects", type=_positive_int, help="held-out subjects to evaluate")
+    p.add_argument("--slices", type=_positive_int, help="central slices per held-out subject")
+    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--val-subjects", type=int, default=2)
+    p.add_argument("--train-device", default="auto")
+    p.add_argument("--only", choices=["1", "2"], help="run only experiment 1 or 2")
+    _model_options(p)
+
+
+def _options(args: argparse.Namespace, out: Path, *, lr: float, epochs: float, data: tuple[Path, ...]) -> Any:
+    from recon_server.dpm.runs import RunOptions
+
+    return RunOptions(
+        data=data,
+        out=out,
+        lr=lr,
+        batch=args.batch,
+        epochs=epochs,
+        val_subjects=args.val_subjects,
+        val_every=10**9,  # validate at the end only (short runs)
+        ckpt_every=10**9,
+        log_every=10**6,
+        seed=args.seed,
+        workers=0,
+        device=args.train_device,
+        progress=False,
+        name=out.name,
+    )
+
+
+def _evaluate(
+    args: argparse.Namespace, model_dir: Path, accels: list[int], name: str
+) -> dict[str, list[float]]:
+    from recon_server.evaluate import run_evaluation
+    from recon_server.recon.methods import configure_diffusion
+
+    configure_diffusion(model_dir=model_dir)
+    doc = run_evaluation(
+        args.data,
+        accelerations=accels,
+        methods=[args.method],
+        out_dir=args.out / "eval" / name,
+        subjects=args.subjects,
+        slices=args.slices,
+        device=args.device,
+    )
+    summary: list[dict[str, Any]] = doc["summary"]  # type: ignore[assignment]
+    return {str(row["acceleration"]): list(row["nrmse"]) for row in summary}
+
+
+def _pm(v: list[float] | None) -> str:
+    return "-" if not v else f"{v[0]:.4f} ± {v[1]:.4f}"
+
+
+def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, evaluate and tabulate (module docstring); returns the JSON document with ``markdown``."""
+    from recon_server.dpm.checkpoint import read_card, resolve_checkpoint
+    from recon_server.dpm.runs import finetune, pretrain
+
+    out: Path = args.out
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    n = args.target_subjects
+    flair = (args.flair_data,)
+    contrasts = [c.strip() for c in args.contrasts.split(",") if c.strip()]
+    t0 = time.perf_counter()
+    if args.pretrained is not None:
+        pre_dir = resolve_checkpoint(args.pretrained)
+    else:
+        if not args.pretrain_data:
+            raise ValueError("give --pretrained CKPT or --pretrain-data DIR")
+        data = tuple(args.pretrain_data)
+        opts = _options(args, runs / "pretrained", lr=1e-4, epochs=args.pretrain_epochs, data=data)
+        pretrain(opts, contrasts=contrasts, model_size=args.model_size)
+        pre_dir = resolve_checkpoint(runs / "pretrained")
+    pre_epochs = read_card(pre_dir).training.get("epochs") or args.pretrain_epochs
+    ft_epochs = args.finetune_epochs or 0.02 * float(pre_epochs)
+    scratch_epochs = args.scratch_epochs or args.pretrain_epochs
+    doc: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"cuda {torch.cuda.is_available()}",
+        "pretrained": str(pre_dir),
+        "target_subjects": n,
+        "method": args.method,
+        "finetune_epochs": ft_epochs,
+    }
+    md = [f"command: `{doc['command']}`", f"machine: {doc['machine']}", ""]
+
+    if args.only in (None, "1"):
+        models: dict[str, Path] = {}
+        name = f"finetuned-{n}"
+        opts = _options(args, runs / name, lr=args.finetune_lr, epochs=ft_epochs, data=flair)
+        finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+        models[name] = runs / name
+        name = f"scratch-{n}"
+        opts = _options(args, runs / name, lr=1e-4, epochs=scratch_epochs, data=flair)
+        pretrain(dataclasses.replace(opts, max_subjects=n), contrasts=["FLAIR"], model_size=args.model_size)
+        models[name] = runs / name
+        opts = _options(args, runs / "many", lr=1e-4, epochs=scratch_epochs, data=flair)
+        pretrain(opts, contrasts=["FLAIR"], model_size=args.model_size)
+        models["many"] = runs / "many"
+        if args.pretrain_data:
+            joint_data = (*args.pretrain_data, args.flair_data)
+            opts = _options(args, runs / "joint", lr=1e-4, epochs=args.pretrain_epochs, data=joint_data)
+            pretrain(opts, contrasts=contrasts, model_size=args.model_size, joint="FLAIR", target_subjects=n)
+            models["joint"] = runs / "joint"
+        table = {m: _evaluate(args, d, list(args.accel), m) for m, d in models.items()}
+        doc["experiment1"] = table
+        md += [
+            f"## Experiment 1: training strategies, NRMSE ({args.method}, mean ± sd over subjects)",
+            "",
+            "| model | " + " | ".join(f"R={r}" for r in args.accel) + " |",
+            "|---|" + "---|" * len(args.accel),
+        ]
+        md += [
+            f"| {m} | " + " | ".join(_pm(row.get(str(r))) for r in args.accel) + " |"
+            for m, row in table.items()
+        ]
+        md.append("")
+
+    if args.only in (None, "2"):
+        lengths = args.lengths or [0.5 * ft_epochs, ft_epochs, 2 * ft_epochs]
+        ablation: dict[str, dict[str, list[float] | None]] = {}
+        for lr in args.lrs:
+            ablation[f"{lr:g}"] = {}
+            for length in lengths:
+                name = f"ft-lr{lr:g}-ep{length:g}"
+                opts = _options(args, runs / name, lr=lr, epochs=length, data=flair)
+                finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+                res = _evaluate(args, runs / name, [args.ablation_accel], name)
+                ablation[f"{lr:g}"][f"{length:g}"] = res.get(str(args.ablation_accel))
+        doc["experiment2"] = ablation
+        md += [
+            f"## Experiment 2: fine-tuning lr x length (epochs), NRMSE at R={args.ablation_accel}",
+            "",
+            "| lr | " + " | ".join(f"{ep:g} ep" for ep in lengths) + " |",
+            "|---|" + "---|" * len(lengths),
+        ]
+        md += [f"| {lr} | " + " | ".join(_pm(v) for v in row.values()) + " |" for lr, row in ablation.items()]
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    doc["markdown"] = "\n".join(md)
+    (out / "experiment.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "experiment.md").write_text(doc["markdown"] + "\n")
+    return doc
