@@ -27,6 +27,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -615,7 +616,8 @@ def write_subject(
         np.save(paths["truth"], subject.truth)
     if "labels" in files:
         paths["labels"] = out / "labels.npz"
-        np.savez_compressed(paths["labels"], **{k: v.astype(np.float32) for k, v in subject.labels.items()})
+        arrays: dict[str, Any] = {k: v.astype(np.float32) for k, v in subject.labels.items()}
+        np.savez_compressed(paths["labels"], **arrays)
     paths["subject"] = out / "subject.json"
     paths["subject"].write_text(json.dumps(subject.metadata, indent=1, sort_keys=True) + "\n")
     return paths
