@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +45,12 @@ def simulate(root: Path, contrast: str, count: int, *, first: int = 0, lesions: 
         subject = acquire.simulate_subject(config, seed=7, index=index)
         acquire.write_subject(subject, root / subject.subject_id, files=("reference", "truth", "labels"))
     return root
+
+
+@pytest.fixture(scope="session")
+def simulate_subjects() -> Callable[..., Path]:
+    """:func:`simulate` for tests that need their own subjects."""
+    return simulate
 
 
 @pytest.fixture(scope="session")
