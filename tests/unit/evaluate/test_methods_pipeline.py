@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from recon_server import evaluate, pipeline
+from recon_server.dicom.writer import write_series
 from recon_server.dpm.checkpoint import load_checkpoint, read_card, update_card_sampler_defaults
 from recon_server.recon import methods
 
@@ -46,7 +50,7 @@ def test_diffusion_methods_run_through_the_pipeline(
     assert volume.role == "image" and volume.image_type[0] == "ORIGINAL"
 
 
-def test_several_samples_add_an_sd_series(scan, tiny_model: Path) -> None:
+def test_several_samples_add_an_sd_series(scan, tiny_model: Path, tmp_path: Path) -> None:
     methods.configure_diffusion(model_dir=tiny_model, overrides={"dps-fast": {"steps": 3}})
     volumes = pipeline.reconstruct_all(scan, method="dps-fast", samples=3)
     assert len(volumes) == 2
@@ -58,6 +62,20 @@ def test_several_samples_add_an_sd_series(scan, tiny_model: Path) -> None:
         sd.magnitude.shape == image.magnitude.shape and (sd.magnitude >= 0).all() and sd.magnitude.max() > 0
     )
     assert image.provenance.settings["samples"] == 3
+    # Both become valid MR DICOM series of their own (dciodvfy: no errors, no warnings).
+    dciodvfy = shutil.which("dciodvfy")
+    assert dciodvfy, "dciodvfy not found: install the Debian package dicom3tools (make deps)"
+    numbers = []
+    for volume in volumes:
+        files = write_series(volume, tmp_path / "dicom")
+        report = subprocess.run([dciodvfy, str(files[0])], capture_output=True, text=True, check=False)
+        problems = [x for x in (report.stdout + report.stderr).splitlines() if "Error" in x or "Warning" in x]
+        assert not problems, problems
+        ds = pydicom.dcmread(files[0])
+        numbers.append(int(ds.SeriesNumber))
+        assert list(ds.ImageType)[:4] == volume.image_type
+    assert numbers[1] == numbers[0] + pipeline.SD_SERIES_OFFSET
+    assert "uncertainty (SD)" in str(pydicom.dcmread(files[0]).SeriesDescription)
     # A classical method has no posterior: one volume whatever is asked.
     assert len(pipeline.reconstruct_all(scan, method="zero-filled", samples=3)) == 1
 
@@ -74,8 +92,6 @@ def test_clear_errors_for_model_and_contrast(scan, tiny_model: Path, tmp_path: P
 
 
 def test_tuned_card_values_are_used_and_the_card_still_loads(tiny_model: Path, tmp_path: Path) -> None:
-    import shutil
-
     model = tmp_path / "m"
     shutil.copytree(tiny_model, model)
     defaults = dict(read_card(model).sampler_defaults)
