@@ -210,7 +210,7 @@ class DiffusionMethod:
         denoiser = DIFFUSION.denoiser
         if denoiser is None:
             denoiser, card = load_model(model_directory(), device)
-        elif DIFFUSION.model_dir is not None or os.environ.get(MODEL_DIR_ENV):
+        elif (model_directory() / "card.json").is_file():  # injected denoiser: settings from its card
             from recon_server.dpm.checkpoint import read_card
 
             card = read_card(model_directory())

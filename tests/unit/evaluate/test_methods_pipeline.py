@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from recon_server import evaluate, pipeline
 from recon_server.dicom.writer import write_series
@@ -104,3 +105,29 @@ def test_tuned_card_values_are_used_and_the_card_still_loads(tiny_model: Path, t
     assert dps.spec(card, 2.0)[0].zeta == 0.5
     assert dps.spec(card, 5.0)[0].zeta == 3.0  # nearest in log R: 5 -> 6
     assert dps.spec(None, 4.0)[0].zeta == methods.FALLBACK_ZETA[4]
+
+
+class _PlainDenoiser:
+    """A non-torch-module denoiser with the EDMDenoiser call signature (as the ONNX backend has)."""
+
+    def __init__(self, path: Path) -> None:
+        self.model, _ = load_checkpoint(path)
+        self.contrast_slots = self.model.contrast_slots
+        self.calls = 0
+
+    def contrast_index(self, name: str) -> int:
+        return self.model.contrast_index(name)
+
+    def __call__(self, x, sigma, labels):  # noqa: ANN001, ANN204
+        self.calls += 1
+        with torch.no_grad():
+            return self.model(x, sigma, labels)
+
+
+def test_an_injected_backend_runs_the_no_backprop_samplers(scan, tiny_model: Path) -> None:
+    plain = _PlainDenoiser(tiny_model)
+    methods.configure_diffusion(model_dir=tiny_model, denoiser=plain, overrides={"dps-fast": {"steps": 3}})
+    volume = pipeline.reconstruct(scan, method="dps-fast")
+    assert plain.calls == 3 and volume.provenance.model_name == "tiny-flair"  # card of the model dir
+    with pytest.raises(ValueError, match="needs the torch backend"):
+        pipeline.reconstruct(scan, method="dps")
