@@ -12,33 +12,42 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
+import numpy as np
 import pytest
+
+from recon_server.data import ismrmrd_io
 
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"
 MEASUREMENT_ID = "OPS_TEST_MEAS_42"
+NOISE_FLAG = 19  # ISMRMRD ACQ_IS_NOISE_MEASUREMENT (bit numbers start at 1)
 
 
 @pytest.fixture(scope="session")
 def raw_with_id(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2x undersampled Shepp-Logan (48x48, 4 coils) whose header carries a measurement id."""
+    """Shepp-Logan (48x48, 4 coils, noise scan) from the Debian generator, undersampled here to
+    every other line outside 12 fully sampled central lines (R ~ 1.6, an ACS block the diffusion
+    samplers find), with a measurement id and a FLAIR protocol name in the header."""
     if shutil.which(TOOL) is None:
         pytest.fail(f"{TOOL} not found: install the Debian package ismrmrd-tools (make deps)")
-    path = tmp_path_factory.mktemp("ops-raw") / "scan.h5"
-    cmd = [TOOL, "-m", "48", "-c", "4", "-a", "2", "-w", "16", "-n", "0.05", "-C", "-o", str(path)]
+    tmp = tmp_path_factory.mktemp("ops-raw")
+    full = tmp / "full.h5"
+    cmd = [TOOL, "-m", "48", "-c", "4", "-a", "1", "-n", "0.05", "-C", "-o", str(full)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-    with h5py.File(path, "r+") as f:
-        xml = f["dataset/xml"][0]
-        xml = xml.decode() if isinstance(xml, bytes) else str(xml)
-        info = (
-            f"<measurementInformation><measurementID>{MEASUREMENT_ID}</measurementID>"
-            "<patientPosition>HFS</patientPosition></measurementInformation>"
-        )
-        pattern = r"(<(acquisitionSystemInformation|experimentalConditions)>)"
-        patched, n = re.subn(pattern, info + r"\1", xml, count=1)
-        assert n == 1, "unexpected header layout"
-        del f["dataset/xml"]
-        f.create_dataset("dataset/xml", data=[patched.encode()], dtype=h5py.string_dtype())
+    raw = ismrmrd_io.read_raw(full)
+    info = (
+        f"<measurementInformation><measurementID>{MEASUREMENT_ID}</measurementID>"
+        "<patientPosition>HFS</patientPosition><protocolName>AX_FLAIR_OPS</protocolName>"
+        "</measurementInformation>"
+    )
+    pattern = r"(<(acquisitionSystemInformation|experimentalConditions)>)"
+    xml, n = re.subn(pattern, info + r"\1", raw.header_xml, count=1)
+    assert n == 1, "unexpected header layout"
+    heads = raw.acquisition_headers
+    ky = heads["idx"]["kspace_encode_step_1"].astype(int)
+    noise = (heads["flags"].astype(np.uint64) & np.uint64(1 << (NOISE_FLAG - 1))) != 0
+    keep = noise | (ky % 2 == 0) | (np.abs(ky - 24) < 6)
+    path = tmp / "scan.h5"
+    ismrmrd_io.write_raw(path, xml, heads[keep], [d for d, k in zip(raw.data, keep, strict=True) if k])
     return path
 
 

@@ -125,12 +125,7 @@ def test_measurement_id_on_every_record_per_thread() -> None:
     assert {r.peer for r in records if r.getMessage() != "outside"} == {"10.0.0.5:4711"}  # type: ignore[attr-defined]
     outside = records[-1]
     assert outside.measurement_id == "-" and outside.peer == "-"  # type: ignore[attr-defined]
-    line = json.loads(
-        logs.JsonFormatter().format(
-            records[1]
-            if records[1].getMessage() == "after header"
-            else [r for r in records if r.getMessage() == "after header"][0]
-        )
-    )
+    after_header = next(r for r in records if r.getMessage() == "after header")
+    line = json.loads(logs.JsonFormatter().format(after_header))
     assert line["measurement_id"].startswith("MID_") and line["level"] == "INFO"
     assert set(line) >= {"time", "level", "logger", "message", "measurement_id", "peer", "thread"}
