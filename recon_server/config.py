@@ -30,6 +30,8 @@ from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy,
 from recon_server.mrd.wire import WireLimits
 
 DEFAULT_PORT = 9002
+# Posterior samples one scan may ask for (each costs a full diffusion reconstruction).
+MAX_POSTERIOR_SAMPLES = 32
 DEFAULT_HTTP_PORT = 9090
 MAX_CONFIG_BYTES = 1 << 20
 

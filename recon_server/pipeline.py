@@ -30,6 +30,7 @@ magnitude over the samples, on the image's intensity scale, ``role="sd"``, serie
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import queue
@@ -91,11 +92,14 @@ def _window(magnitude: np.ndarray) -> tuple[float, float]:
 
 
 def reconstruct_all(
-    scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu", samples: int = 1
+    scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu", samples: int | None = None
 ) -> list[ImageVolume]:
-    """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn."""
+    """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn.
+
+    ``samples=None`` uses the configured number (``recon.methods.configure_diffusion``).
+    """
     get_method(method)  # ValueError for unknown names, before any work
-    if samples < 1:
+    if samples is not None and samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -172,19 +176,32 @@ def reconstruct_all(
     return volumes
 
 
+@dataclasses.dataclass
+class _Job:
+    scan: KSpaceScan
+    method: str
+    samples: int | None
+    context: contextvars.Context  # the submitting connection's (measurement id in every log line)
+    future: Future
+
+
 class ReconWorker:
     """One thread that runs every reconstruction in order (one device, bounded queue)."""
 
     def __init__(self, *, device: str = "cpu", max_pending: int = 8) -> None:
         self.device = device
-        self._queue: queue.Queue[tuple[KSpaceScan, str, Future] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="recon-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, scan: KSpaceScan, method: str) -> Future:
-        """Queue a scan; the future resolves to its :class:`ImageVolume` (or its exception)."""
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, scan: KSpaceScan, method: str, *, samples: int | None = None) -> Future:
+        """Queue a scan; the future resolves to its volumes (:func:`reconstruct_all`) or its exception."""
         future: Future = Future()
-        self._queue.put((scan, method, future))
+        self._queue.put(_Job(scan, method, samples, contextvars.copy_context(), future))
         return future
 
     def _run(self) -> None:
@@ -192,13 +209,15 @@ class ReconWorker:
             job = self._queue.get()
             if job is None:
                 return
-            scan, method, future = job
-            if not future.set_running_or_notify_cancel():
+            if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(reconstruct(scan, method=method, device=self.device))
+                volumes = job.context.run(
+                    reconstruct_all, job.scan, method=job.method, device=self.device, samples=job.samples
+                )
+                job.future.set_result(volumes)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting connection
-                future.set_exception(exc)
+                job.future.set_exception(exc)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -219,10 +238,18 @@ class ReconService:
         self.worker = worker
         self.sinks = list(sinks or [])
 
-    def run(self, scans: list[KSpaceScan], *, method: str | None = None) -> list[ImageVolume]:
-        """Reconstruct each scan (``method`` overrides the per-contrast choice) and feed the sinks."""
-        futures = [self.worker.submit(scan, method or self.methods(scan.contrast)) for scan in scans]
-        volumes = [f.result() for f in futures]
+    def run(
+        self, scans: list[KSpaceScan], *, method: str | None = None, samples: int | None = None
+    ) -> list[ImageVolume]:
+        """Reconstruct each scan (``method`` overrides the per-contrast choice) and feed the sinks.
+
+        Returns every volume in scan order: each image, followed by its SD map when posterior
+        samples were drawn.
+        """
+        futures = [
+            self.worker.submit(scan, method or self.methods(scan.contrast), samples=samples) for scan in scans
+        ]
+        volumes = [volume for f in futures for volume in f.result()]
         for volume in volumes:
             for sink in self.sinks:
                 # A failing output (e.g. DICOM refused for missing identifiers) must not cost the

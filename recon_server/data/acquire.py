@@ -589,18 +589,22 @@ def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.n
     return heads, data
 
 
+SUBJECT_FILES = ("raw", "reference", "truth", "labels")
+DEFAULT_SUBJECT_FILES = ("raw", "reference", "truth")
+
+
 def write_subject(
     subject: SimulatedSubject,
     directory: str | Path,
     *,
-    files: tuple[str, ...] | list[str] = ("raw", "reference", "truth"),
+    files: tuple[str, ...] | list[str] = DEFAULT_SUBJECT_FILES,
 ) -> dict[str, Path]:
     """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy``, ``labels.npz``
     (tissue fractions and ``LESION``, float32 ``(slices, ny, nx)`` each; for evaluation) (those named
     in ``files``) and always ``subject.json`` into ``directory`` (created; files replaced)."""
-    unknown = set(files) - {"raw", "reference", "truth", "labels"}
+    unknown = set(files) - set(SUBJECT_FILES)
     if unknown:
-        raise ValueError(f"unknown output files {sorted(unknown)}: expected raw, reference, truth, labels")
+        raise ValueError(f"unknown output files {sorted(unknown)}: expected {', '.join(SUBJECT_FILES)}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from recon_server.data.acquire import DEFAULT_SUBJECT_FILES, SUBJECT_FILES
 from recon_server.data.contrast import CONTRASTS
 
 log = logging.getLogger(__name__)
-OUTPUT_FILES = ("raw", "reference", "truth")
 
 
 def _positive_int(text: str) -> int:
@@ -25,10 +25,10 @@ def _positive_int(text: str) -> int:
 
 def _files(text: str) -> tuple[str, ...]:
     names = tuple(sorted({t.strip() for t in text.split(",") if t.strip()}))
-    bad = [n for n in names if n not in OUTPUT_FILES]
+    bad = [n for n in names if n not in SUBJECT_FILES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"--files takes a comma list of {', '.join(OUTPUT_FILES)}, got {text!r}"
+            f"--files takes a comma list of {', '.join(SUBJECT_FILES)}, got {text!r}"
         )
     return names
 
@@ -65,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--te", type=float, default=None, help="TE (ms)")
     sim.add_argument("--ti", type=float, default=None, help="TI (ms, FLAIR; default nulls CSF)")
     sim.add_argument(
-        "--files", type=_files, default=OUTPUT_FILES, help="which of raw,reference,truth to write"
+        "--files",
+        type=_files,
+        default=DEFAULT_SUBJECT_FILES,
+        help=f"which of {','.join(SUBJECT_FILES)} to write (labels: tissue maps for evaluation)",
     )
     sim.add_argument("--preview", action="store_true", help="write preview.png (all contrasts, +-lesion)")
     sim.set_defaults(func=run_simulate)

@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from recon_server.config import DEFAULT_PORT, AppConfig, ServiceConfig, load_config
+from recon_server.config import (
+    DEFAULT_PORT,
+    MAX_POSTERIOR_SAMPLES,
+    AppConfig,
+    ServiceConfig,
+    load_config,
+)
 from recon_server.dicom.commands import add_output_args, output_config
 from recon_server.scan import ImageVolume
 
@@ -25,6 +31,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _samples(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_POSTERIOR_SAMPLES:
+        raise argparse.ArgumentTypeError(f"samples must be in 1..{MAX_POSTERIOR_SAMPLES}, got {value}")
     return value
 
 
@@ -80,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=DEFAULT_PORT)
     p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
     p.add_argument("--method", default=None, help="ask the server for this method")
+    p.add_argument(
+        "--samples", type=_samples, default=None, help="ask for posterior samples (mean + SD map, sd.npy)"
+    )
     p.add_argument("--config-name", default="default", help="CONFIG_FILE name sent first")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_replay)
@@ -97,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["torch", "onnx"],
         default="torch",
         help="denoiser backend of the no-backprop diffusion methods (onnx: MODEL_DIR/denoiser.onnx)",
+    )
+    p.add_argument(
+        "--samples",
+        type=_samples,
+        default=None,
+        help="posterior samples of a diffusion method: mean image + SD map (sd.npy, a second series)",
     )
     p.add_argument("--onnx-file", type=Path, default=None, help="ONNX file for --backend onnx")
     add_output_args(p)
@@ -243,6 +265,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             port=args.port,
             out_dir=args.out,
             method=args.method,
+            samples=args.samples,
             config_name=args.config_name,
             progress=not args.no_progress,
         )
@@ -276,7 +299,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
     from recon_server.mrd.assemble import Assembler
     from recon_server.mrd.replay import to_ismrmrd_images
     from recon_server.mrd.server import volume_to_images
-    from recon_server.pipeline import reconstruct
+    from recon_server.pipeline import reconstruct_all
 
     config = ServiceConfig(device=args.device)
     _configure_model(args)
@@ -285,12 +308,21 @@ def cmd_recon(args: argparse.Namespace) -> int:
     for head, data in zip(raw.acquisition_headers, raw.data, strict=True):
         asm.add_line(head, data)
     volumes = [
-        reconstruct(scan, method=config.method_for(scan.contrast, args.method), device=config.device)
+        volume
         for scan in asm.finish()
+        for volume in reconstruct_all(
+            scan,
+            method=config.method_for(scan.contrast, args.method),
+            device=config.device,
+            samples=args.samples,
+        )
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    stacked = np.concatenate([v.magnitude for v in volumes]).astype(np.float32)
+    stacked = np.concatenate([v.magnitude for v in volumes if v.role == "image"]).astype(np.float32)
     np.save(args.out / "images.npy", stacked)
+    sd_maps = [v.magnitude for v in volumes if v.role == "sd"]
+    if sd_maps:
+        np.save(args.out / "sd.npy", np.concatenate(sd_maps).astype(np.float32))
     h5 = args.out / "images.h5"
     h5.unlink(missing_ok=True)
     images = [im for v in volumes for im in volume_to_images(v)]

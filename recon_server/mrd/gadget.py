@@ -40,7 +40,7 @@ from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.server import volume_to_images
 from recon_server.ops import logs as ops_logs
 from recon_server.ops import metrics
-from recon_server.pipeline import ReconService, ReconWorker, Sink, reconstruct
+from recon_server.pipeline import ReconService, ReconWorker, Sink, reconstruct_all
 from recon_server.recon.methods import METHODS
 from recon_server.scan import KSpaceScan
 
@@ -68,7 +68,9 @@ def send_error(raw: Any, text: str) -> None:
 def _run_direct(scans: list[KSpaceScan], method: str | None) -> list:
     config = ServiceConfig()
     return [
-        reconstruct(s, method=method or config.method_for(s.contrast), device=config.device) for s in scans
+        volume
+        for s in scans
+        for volume in reconstruct_all(s, method=method or config.method_for(s.contrast), device=config.device)
     ]
 
 

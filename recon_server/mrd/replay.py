@@ -38,14 +38,22 @@ class ReplayResult:
     closed: bool = False
     bytes_sent: int = 0
 
-    def magnitude(self) -> np.ndarray:
-        """float32 ``(images, rows, cols)`` of every returned image (first channel, first z)."""
-        if not self.images:
+    def magnitude(self, role: str = "Image") -> np.ndarray:
+        """float32 ``(images, rows, cols)`` of the returned images whose meta ``DataRole`` is
+        ``role`` ("Image"; "Quantitative" for SD maps), first channel and z."""
+        images = [im for im in self.images if _data_role(im) == role]
+        if not images:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        shapes = {im.data.shape[-2:] for im in self.images}
+        shapes = {im.data.shape[-2:] for im in images}
         if len(shapes) != 1:
             raise ReplayError(f"returned images differ in size: {sorted(shapes)}")
-        return np.stack([np.abs(im.data[0, 0]).astype(np.float32) for im in self.images])
+        return np.stack([np.abs(im.data[0, 0]).astype(np.float32) for im in images])
+
+
+def _data_role(image: wire.Image) -> str:
+    if not image.meta_xml:
+        return "Image"
+    return str(ismrmrd.Meta.deserialize(image.meta_xml).get("DataRole", "Image"))
 
 
 def _read_replies(reader: wire.WireReader, result: ReplayResult) -> None:
@@ -118,10 +126,14 @@ def to_ismrmrd_images(images: list[wire.Image]) -> list[ismrmrd.Image]:
 
 
 def save_images(result: ReplayResult, out_dir: Path) -> Path:
-    """Write ``images.npy`` and ``images.h5`` into ``out_dir``; returns the npy path."""
+    """Write ``images.npy`` (and ``sd.npy`` when SD maps came back) and ``images.h5`` (every
+    image) into ``out_dir``; returns the path of ``images.npy``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     npy = out_dir / "images.npy"
     np.save(npy, result.magnitude())
+    sd = result.magnitude("Quantitative")
+    if sd.size:
+        np.save(out_dir / "sd.npy", sd)
     if result.images:
         h5 = out_dir / "images.h5"
         h5.unlink(missing_ok=True)
@@ -136,17 +148,23 @@ def replay_file(
     port: int,
     out_dir: Path,
     method: str | None = None,
+    samples: int | None = None,
     config_name: str = "default",
     progress: bool = True,
 ) -> ReplayResult:
-    """Replay a raw file, save the images; ReplayError carrying the server's text on failure."""
+    """Replay a raw file, save the images; ReplayError carrying the server's text on failure.
+
+    ``method`` and ``samples`` (posterior samples: mean image + SD map) go to the server as the
+    JSON TEXT message after the header.
+    """
     raw = ismrmrd_io.read_raw(path)
+    options = {k: v for k, v in (("method", method), ("samples", samples)) if v is not None}
     result = stream_scan(
         raw,
         host=host,
         port=port,
         config_name=config_name,
-        options={"method": method} if method else None,
+        options=options or None,
         progress=progress,
     )
     if result.errors:

@@ -20,6 +20,7 @@ one :class:`~recon_server.pipeline.ReconWorker` queue.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 import ismrmrd
 import numpy as np
 
-from recon_server.config import ServiceConfig
+from recon_server.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
 from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, parse_config_text
@@ -43,13 +44,17 @@ log = logging.getLogger(__name__)
 
 
 def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wire.Image]:
-    """One ISMRMRD magnitude image per slice, with meta (series description, window, type, method)."""
+    """One ISMRMRD magnitude image per slice, with meta: series description, window, image type,
+    method and its settings (JSON), model name and version."""
     images = []
     mag = volume.magnitude
     if dtype == "uint16":
         data = np.clip(np.rint(mag), 0, 65535).astype(np.uint16)
     else:
         data = mag.astype(np.float32)
+    prov = volume.provenance
+    settings = json.dumps(prov.settings, sort_keys=True, default=str)
+    model = {"ModelName": prov.model_name, "ModelVersion": prov.model_version} if prov.model_name else {}
     for i, geom in enumerate(volume.geometry):
         head = wire.new_image_head()
         head["field_of_view"] = geom.fov_mm
@@ -61,7 +66,8 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
         head["image_series_index"] = volume.series_index
         meta = ismrmrd.Meta(
             {
-                "DataRole": "Image",
+                # An SD map is a quantitative companion of the image series, not a second image.
+                "DataRole": "Image" if volume.role == "image" else "Quantitative",
                 "ImageProcessingHistory": ["RECON-SERVER", volume.provenance.method.upper()],
                 "SeriesDescription": dicom_series_description(volume),
                 "SequenceDescriptionAdditional": volume.provenance.method,
@@ -69,11 +75,23 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
                 "WindowCenter": f"{volume.window_center:.3f}",
                 "WindowWidth": f"{volume.window_width:.3f}",
                 "ReconMethod": volume.provenance.method,
+                "ReconSettings": settings,
                 "Contrast": volume.contrast,
+                **model,
             }
         )
         images.append(wire.Image(head=head, meta_xml=meta.serialize(), data=data[i][None, None]))
     return images
+
+
+def samples_override(options: dict) -> int | None:
+    """Posterior samples asked for by the client's JSON (``{"samples": 8}``), bounded."""
+    value = options.get("samples")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_POSTERIOR_SAMPLES:
+        raise ValueError(f"samples must be an integer in 1..{MAX_POSTERIOR_SAMPLES}, got {value!r}")
+    return value
 
 
 def method_override(config_name: str, options: dict) -> str | None:
@@ -173,6 +191,17 @@ class StreamServer:
             self._sock.close()
         self.worker.close()
 
+    @staticmethod
+    def _report_failure(writer: wire.WireWriter, peer: object, exc: Exception) -> None:
+        """Count and log the failure, then tell the peer (TEXT ``ERR ...`` + CLOSE) if it still listens."""
+        metrics.stream_failed("mrd", exc)
+        log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+        try:
+            writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}"), flush=False)
+            writer.send(wire.Close())
+        except OSError as send_exc:
+            log.info("could not report the error to %s: %s", peer, send_exc)
+
     def handle(self, conn: socket.socket, peer: object) -> None:
         """Serve one stream; every failure becomes ``TEXT "ERR ..."`` + CLOSE to the peer."""
         with ops_logs.connection_context(peer):
@@ -187,6 +216,7 @@ class StreamServer:
             session = StreamSession(reader)
             asm = session.read()
             method = method_override(session.config_name, session.options)
+            samples = samples_override(session.options)
             scans = asm.finish()
             metrics.scans_received(
                 "mrd",
@@ -196,7 +226,7 @@ class StreamServer:
                 seconds=time.perf_counter() - t0,
             )
             with metrics.in_service("mrd", len(scans)):
-                volumes = self.service.run(scans, method=method)
+                volumes = self.service.run(scans, method=method, samples=samples)
             metrics.volumes_done(volumes)
             t_send = time.perf_counter()
             count = 0
@@ -215,13 +245,10 @@ class StreamServer:
                 count,
             )
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
-            metrics.stream_failed("mrd", exc)
-            log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
-            try:
-                writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}"), flush=False)
-                writer.send(wire.Close())
-            except OSError as send_exc:
-                log.info("could not report the error to %s: %s", peer, send_exc)
+            self._report_failure(writer, peer, exc)
+        except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
+            log.exception("stream from %s: internal error", peer)
+            self._report_failure(writer, peer, exc)
         finally:
             for stream in (reader.stream, writer.stream):
                 try:

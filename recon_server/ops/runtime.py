@@ -147,9 +147,7 @@ def readiness_checks(
     """The checks listed in the module docstring for this configuration."""
 
     def worker_alive() -> bool:
-        # ReconWorker keeps its thread private; a worker without one is taken as alive.
-        thread = getattr(worker, "_thread", None)
-        return thread is None or bool(thread.is_alive())
+        return bool(getattr(worker, "alive", True))
 
     checks: dict[str, Check] = {
         "recon_worker": thread_alive("reconstruction worker", worker_alive),

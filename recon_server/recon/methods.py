@@ -258,8 +258,11 @@ METHODS: dict[str, ReconMethod] = {
 }
 
 
-def run_method(name: str, problem: ReconProblem, *, samples: int = 1) -> MethodOutput:
-    """Run a registered method; diffusion methods give provenance and (samples > 1) an SD map."""
+def run_method(name: str, problem: ReconProblem, *, samples: int | None = None) -> MethodOutput:
+    """Run a registered method; diffusion methods give provenance and (samples > 1) an SD map.
+
+    ``samples=None`` takes the configured number of posterior samples (``configure_diffusion``).
+    """
     method = get_method(name)
     if isinstance(method, DiffusionMethod):
         return method.detailed(problem, samples=samples)
