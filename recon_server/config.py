@@ -84,6 +84,7 @@ class ServiceConfig:
     device: str = "cpu"
     limits: WireLimits = field(default_factory=WireLimits)
     output_dir: Path | None = None
+    failed_scans_dir: Path | None = None  # raw data of scans whose reconstruction failed
     image_dtype: str = "float32"  # or "uint16" for the ISMRMRD images sent back
     max_pending_scans: int = 8
     socket_timeout_s: float = 300.0
@@ -115,7 +116,7 @@ class ServiceConfig:
         for contrast, method in self.methods.items():
             if not contrast or contrast != contrast.upper() or not method:
                 raise ValueError(f"methods: contrast labels are upper case, got {contrast!r} = {method!r}")
-        for name in ("output_dir", "model_dir", "onnx_file"):
+        for name in ("output_dir", "failed_scans_dir", "model_dir", "onnx_file"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -259,6 +260,7 @@ SERVER_FIELDS: dict[str, Conv] = {
     "max_pending_scans": _int,
     "socket_timeout_s": _float,
     "output_dir": _str,
+    "failed_scans_dir": _str,
 }
 LIMIT_FIELDS: dict[str, Conv] = {f.name: _int for f in dataclasses.fields(WireLimits)}
 RECON_FIELDS: dict[str, Conv] = {
@@ -437,7 +439,7 @@ def parse_config(
         if not isinstance(method, str) or not method:
             raise loader.error(f"recon.methods.{contrast}", f"must be a method name, got {method!r}")
         methods[contrast.strip().upper()] = method
-    for key in ("output_dir",):
+    for key in ("output_dir", "failed_scans_dir"):
         if key in server:
             server[key] = loader.path(server[key])
     for key in ("model_dir", "onnx_file"):

@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device for reconstruction (cpu)")
     p.add_argument("--image-dtype", choices=["float32", "uint16"], default=None, help="(float32)")
     p.add_argument("--output-dir", type=Path, default=None, help="also save each volume here (.npy)")
+    p.add_argument(
+        "--failed-scans-dir",
+        type=Path,
+        default=None,
+        help="keep the raw data of scans that fail here (ISMRMRD .h5, replayable)",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint directory of the diffusion model")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="denoiser backend (torch)")
     p.add_argument("--http-host", default=None, help="address of /healthz /readyz /metrics (127.0.0.1)")
@@ -146,6 +152,7 @@ _SERVE_OVERRIDES = {
     "device": "device",
     "image_dtype": "image_dtype",
     "output_dir": "output_dir",
+    "failed_scans_dir": "failed_scans_dir",
     "model_dir": "model_dir",
     "backend": "backend",
 }

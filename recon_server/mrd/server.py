@@ -26,11 +26,13 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import ismrmrd
 import numpy as np
 
 from recon_server.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
+from recon_server.data import ismrmrd_io
 from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, parse_config_text
@@ -107,11 +109,15 @@ def method_override(config_name: str, options: dict) -> str | None:
 class StreamSession:
     """Reads one client stream into scans: config, header, optional JSON, readouts, CLOSE."""
 
-    def __init__(self, reader: wire.WireReader) -> None:
+    def __init__(self, reader: wire.WireReader, *, keep_acquisitions: bool = False) -> None:
         self.reader = reader
         self.config_name = ""
         self.options: dict = {}
         self.assembler: Assembler | None = None
+        self.header_xml = ""
+        # With keep_acquisitions, every readout is also kept as it arrived, so that a scan whose
+        # reconstruction fails can be written to disk and replayed later (not lost).
+        self.acquisitions: list[wire.Acquisition] | None = [] if keep_acquisitions else None
 
     def read(self) -> Assembler:
         reader = self.reader
@@ -124,12 +130,15 @@ class StreamSession:
             msg = reader.read_message()
         if not isinstance(msg, wire.Header):
             raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
+        self.header_xml = msg.xml
         asm = Assembler(msg.xml)
         ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
         self.assembler = asm
         while True:
             msg = reader.read_message()
             if isinstance(msg, wire.Acquisition):
+                if self.acquisitions is not None:
+                    self.acquisitions.append(msg)
                 asm.add(msg)
             elif isinstance(msg, wire.Close):
                 return asm
@@ -191,13 +200,40 @@ class StreamServer:
             self._sock.close()
         self.worker.close()
 
+    def _keep_failed(self, session: StreamSession) -> Path | None:
+        """Write what arrived of a failed scan as an ISMRMRD raw file (if configured and any came)."""
+        folder = self.config.failed_scans_dir
+        if folder is None or not session.header_xml or not session.acquisitions:
+            return None
+        measurement = session.assembler.measurement_id if session.assembler else ""
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{measurement or 'scan'}-{threading.get_ident()}.h5"
+        path = folder / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            acqs = session.acquisitions
+            ismrmrd_io.write_raw(
+                path,
+                session.header_xml,
+                np.array([a.head for a in acqs], dtype=ismrmrd_io.ACQUISITION_HEADER_DTYPE),
+                [a.data for a in acqs],
+                trajectories=[a.traj for a in acqs],
+            )
+        except (OSError, ValueError) as exc:
+            log.error("could not keep the failed scan's raw data in %s: %s", folder, exc)
+            return None
+        log.warning("failed scan kept: %s (%d readouts; replay it with recon-server replay)", path, len(acqs))
+        return path
+
     @staticmethod
-    def _report_failure(writer: wire.WireWriter, peer: object, exc: Exception) -> None:
+    def _report_failure(
+        writer: wire.WireWriter, peer: object, exc: Exception, kept: Path | None = None
+    ) -> None:
         """Count and log the failure, then tell the peer (TEXT ``ERR ...`` + CLOSE) if it still listens."""
         metrics.stream_failed("mrd", exc)
         log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+        note = f" (raw data kept on the server as {kept.name})" if kept else ""
         try:
-            writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}"), flush=False)
+            writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}{note}"), flush=False)
             writer.send(wire.Close())
         except OSError as send_exc:
             log.info("could not report the error to %s: %s", peer, send_exc)
@@ -211,9 +247,9 @@ class StreamServer:
         conn.settimeout(self.config.socket_timeout_s)
         reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20), self.config.limits)
         writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
+        session = StreamSession(reader, keep_acquisitions=self.config.failed_scans_dir is not None)
         try:
             t0 = time.perf_counter()
-            session = StreamSession(reader)
             asm = session.read()
             method = method_override(session.config_name, session.options)
             samples = samples_override(session.options)
@@ -245,10 +281,10 @@ class StreamServer:
                 count,
             )
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
-            self._report_failure(writer, peer, exc)
+            self._report_failure(writer, peer, exc, self._keep_failed(session))
         except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
             log.exception("stream from %s: internal error", peer)
-            self._report_failure(writer, peer, exc)
+            self._report_failure(writer, peer, exc, self._keep_failed(session))
         finally:
             for stream in (reader.stream, writer.stream):
                 try:

@@ -17,7 +17,10 @@ import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
 from recon_server import cli, metrics
+from recon_server.config import ServiceConfig
+from recon_server.data import ismrmrd_io
 from recon_server.mrd.server import StreamServer
+from recon_server.recon import methods
 
 
 def nrmse(image: np.ndarray, truth: np.ndarray) -> float:
@@ -203,3 +206,30 @@ def test_replay_cli_and_offline_recon(server: StreamServer, shepp_full: Path, tm
     offline = tmp_path / "offline"
     assert cli.main(["recon", str(shepp_full), "--out", str(offline), "--method", "zero-filled"]) == 0
     np.testing.assert_allclose(np.load(offline / "images.npy"), served, rtol=1e-4, atol=1e-3)
+
+
+def test_failed_scan_is_kept_and_replays(
+    shepp_truth, server: StreamServer, shepp_full: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan whose reconstruction fails (here: the diffusion model is missing) is not lost."""
+    monkeypatch.setenv(methods.MODEL_DIR_ENV, str(tmp_path / "no-model"))
+    kept_dir = tmp_path / "failed"
+    failing = StreamServer(
+        ServiceConfig(port=0, default_method="dps-fast", failed_scans_dir=kept_dir, socket_timeout_s=30)
+    )
+    failing.start()
+    try:
+        assert failing.address is not None
+        images, texts = _client_scan(shepp_full, failing.address)
+    finally:
+        failing.stop()
+    assert images == [] and len(texts) == 1 and "raw data kept on the server as" in texts[0], texts
+    (kept,) = kept_dir.glob("*.h5")
+    assert kept.name in texts[0]
+    original, copy = ismrmrd_io.read_raw(shepp_full), ismrmrd_io.read_raw(kept)
+    # The client re-serialised the header; the kept file holds what the server received.
+    assert "<ismrmrdHeader" in copy.header_xml and len(copy.data) == len(original.data)
+    assert all(np.array_equal(a, b) for a, b in zip(copy.data, original.data, strict=True))
+    assert server.address is not None  # the kept file reconstructs on a working server
+    images, texts = _client_scan(kept, server.address)
+    assert texts == [] and nrmse(images[0].data[0, 0], shepp_truth(shepp_full)[0]) < NRMSE_FULL
