@@ -7,7 +7,9 @@ Stages (each through the project's public commands, as a user would run them):
 2. ``recon-server serve`` in a child process: the MRD stream server, writing DICOM.
 3. ``recon-server replay``: streams the raw file to the server and saves the returned images.
 4. Quality: NRMSE / PSNR / SSIM of the returned magnitude images against the truth (conventions
-   in ``recon_server.metrics``: least-squares scale fit, head mask), next to zero-filled.
+   in ``recon_server.metrics``: least-squares scale fit, head mask), next to zero-filled and
+   CG-SENSE of the same file. The server uses the shipped diffusion model (``dps-fast``) when
+   ``models/flair-stroke-demo`` is installed, CG-SENSE otherwise, and says which.
 5. DICOM: the series the server wrote, checked with ``dciodvfy`` when dicom3tools is installed.
 6. ``preview.png``: truth | reconstruction | 5x error, for three slices.
 """
@@ -78,8 +80,8 @@ def quality_rows(images: dict[str, np.ndarray], truth: np.ndarray) -> list[tuple
     ]
 
 
-def zero_filled_baseline(raw: Path) -> np.ndarray:
-    """The zero-filled coil combination of the same raw file (the no-reconstruction floor)."""
+def offline_baselines(raw: Path, methods: Sequence[str]) -> dict[str, np.ndarray]:
+    """The same raw file reconstructed in this process by each named method (for comparison)."""
     from recon_server.data import ismrmrd_io
     from recon_server.mrd.assemble import Assembler
     from recon_server.pipeline import reconstruct
@@ -88,7 +90,18 @@ def zero_filled_baseline(raw: Path) -> np.ndarray:
     assembler = Assembler(scan_file.header_xml)
     for head, data in zip(scan_file.acquisition_headers, scan_file.data, strict=True):
         assembler.add_line(head, data)
-    return np.concatenate([reconstruct(s, method="zero-filled").magnitude for s in assembler.finish()])
+    scans = assembler.finish()
+    return {m: np.concatenate([reconstruct(s, method=m).magnitude for s in scans]) for m in methods}
+
+
+def default_method() -> tuple[str, str]:
+    """(method, why): the shipped diffusion model's fast sampler when it is installed, else CG-SENSE."""
+    from recon_server.recon.methods import model_directory
+
+    card = model_directory() / "card.json"
+    if card.is_file():
+        return "dps-fast", f"the shipped diffusion model ({model_directory().name})"
+    return "cg-sense", f"no diffusion model at {model_directory()}: CG-SENSE instead of DPS"
 
 
 def validate_dicom(files: list[Path]) -> str:
@@ -110,9 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coils", type=int, default=16)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--method", default="cg-sense", help="the server's FLAIR reconstruction")
+    parser.add_argument(
+        "--method", default=None, help="the server's FLAIR reconstruction (default: dps-fast with the model)"
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
+    if args.method is None:
+        args.method, why = default_method()
+        print(f"demo: FLAIR is reconstructed with {args.method}: {why}")
     if out.exists():
         shutil.rmtree(out)
     timings: dict[str, float] = {}
@@ -143,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = _stage("4. quality against the simulation's noiseless truth")
     truth = np.abs(np.load(subject / "truth.npy"))
     recon = np.load(out / "replay" / "images.npy")
-    zero_filled = zero_filled_baseline(subject / "raw.h5")
-    rows = quality_rows({"zero-filled": zero_filled, f"{args.method} (server)": recon}, truth)
+    baselines = [m for m in ("zero-filled", "cg-sense") if m != args.method]
+    images = offline_baselines(subject / "raw.h5", baselines)
+    images[f"{args.method} (server)"] = recon
+    rows = quality_rows(images, truth)
     print("| reconstruction | NRMSE | PSNR (dB) | SSIM |\n|---|---|---|---|")
     for name, e, p, s in rows:
         print(f"| {name} | {e:.4f} | {p:.2f} | {s:.4f} |")
