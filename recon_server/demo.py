@@ -29,6 +29,7 @@ import numpy as np
 
 from recon_server import cli, metrics
 from recon_server.preview import magnitude_grid, write_png
+from recon_server.recon.methods import model_directory
 
 SERVER_START_TIMEOUT_S = 120.0
 
@@ -52,7 +53,9 @@ def start_server(args: Sequence[str]) -> tuple[subprocess.Popen[str], int]:
         if "MRD stream server on" in line:
             return proc, int(line.rsplit(":", 1)[1])
     proc.kill()
-    raise RuntimeError(f"recon-server serve did not start (exit code {proc.poll()})")
+    proc.wait()
+    proc.stdout.close()
+    raise RuntimeError(f"recon-server serve did not start (exit code {proc.returncode})")
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
@@ -96,8 +99,6 @@ def offline_baselines(raw: Path, methods: Sequence[str]) -> dict[str, np.ndarray
 
 def default_method() -> tuple[str, str]:
     """(method, why): the shipped diffusion model's fast sampler when it is installed, else CG-SENSE."""
-    from recon_server.recon.methods import model_directory
-
     card = model_directory() / "card.json"
     if card.is_file():
         return "dps-fast", f"the shipped diffusion model ({model_directory().name})"
@@ -147,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["simulate"] = time.perf_counter() - t
 
     t = _stage(f"2. start the MRD stream server (FLAIR -> {args.method}, DICOM -> {out / 'dicom'})")
-    server, port = start_server(["--method-for", f"FLAIR={args.method}", "--dicom-dir", str(out / "dicom")])
+    serve_args = ["--method-for", f"FLAIR={args.method}", "--dicom-dir", str(out / "dicom")]
+    if args.method.startswith("dps"):
+        serve_args += ["--model-dir", str(model_directory())]
+    server, port = start_server(serve_args)
     try:
         t = _stage(f"3. stream {subject / 'raw.h5'} to 127.0.0.1:{port}")
         rc = cli.main(["replay", str(subject / "raw.h5"), "--port", str(port), "--out", str(out / "replay")])
