@@ -40,7 +40,8 @@ PAPER_LRS = "5e-4,1e-4,5e-5,1e-5"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``recon-server experiment paper``."""
-    from recon_server.recon.commands import _float_list, _int_list, _model_options, _positive_int
+    from recon_server.options import positive_int
+    from recon_server.recon.commands import _float_list, _int_list, _model_options
 
     p.add_argument(
         "--pretrained", type=Path, help="pre-trained checkpoint (else pre-train on --pretrain-data)"
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="held-out simulated FLAIR subjects (sub-XXX/)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model-size", default="demo")
-    p.add_argument("--target-subjects", type=_positive_int, default=20, help="N FLAIR subjects")
+    p.add_argument("--target-subjects", type=positive_int, default=20, help="N FLAIR subjects")
     p.add_argument("--pretrain-epochs", type=float, default=200.0)
     p.add_argument("--scratch-epochs", type=float, help="scratch/many epochs (default: --pretrain-epochs)")
     p.add_argument("--finetune-epochs", type=float, help="default: 2%% of the pre-training epochs")
@@ -63,9 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", type=_int_list, default=[4, 5, 6])
     p.add_argument("--ablation-accel", type=int, default=4)
     p.add_argument("--method", default="dps-fast")
-    p.add_argument("--subjects", type=_positive_int, help="held-out subjects to evaluate")
-    p.add_argument("--slices", type=_positive_int, help="central slices per held-out subject")
-    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--subjects", type=positive_int, help="held-out subjects to evaluate")
+    p.add_argument("--slices", type=positive_int, help="central slices per held-out subject")
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--val-subjects", type=int, default=2)
     p.add_argument("--train-device", default="auto")
     p.add_argument("--only", choices=["1", "2"], help="run only experiment 1 or 2")

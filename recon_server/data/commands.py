@@ -10,17 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from recon_server import options
 from recon_server.data.acquire import DEFAULT_SUBJECT_FILES, SUBJECT_FILES
 from recon_server.data.contrast import CONTRASTS
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _files(text: str) -> tuple[str, ...]:
@@ -40,12 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "simulate", help="simulate brain MRI subjects (ISMRMRD raw + reference + truth)", formatter_class=fmt
     )
     sim.add_argument("--out", required=True, type=Path, help="output directory (sub-XXX/ folders)")
-    sim.add_argument("--subjects", type=_positive_int, default=1)
+    sim.add_argument("--subjects", type=options.positive_int, default=1)
     sim.add_argument("--first-subject", type=int, default=0, help="index of the first subject (sharding)")
     sim.add_argument("--contrast", default="FLAIR", help=f"one of {', '.join(CONTRASTS)}")
     sim.add_argument("--lesions", action="store_true", help="add ischaemic stroke lesions")
     sim.add_argument("--lesion-count", type=int, default=None, help="lesions per subject (default 1-3)")
-    sim.add_argument("--accel", type=_positive_int, default=4, help="acceleration of raw.h5")
+    sim.add_argument("--accel", type=options.positive_int, default=4, help="acceleration of raw.h5")
     sim.add_argument("--center-fraction", type=float, default=None, help="ACS fraction (fastMRI default)")
     sim.add_argument(
         "--acs-calibration-only",
@@ -53,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="flag ACS lines off the sampling grid as calibration-only (GRAPPA style)",
     )
     sim.add_argument("--matrix", type=int, default=256, help="even in-plane matrix")
-    sim.add_argument("--coils", type=_positive_int, default=16)
-    sim.add_argument("--slices", type=_positive_int, default=16)
+    sim.add_argument("--coils", type=options.positive_int, default=16)
+    sim.add_argument("--slices", type=options.positive_int, default=16)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--snr", type=float, default=None, help="white-matter SNR (default drawn 30-40)")
     sim.add_argument("--fov", type=float, default=240.0, help="field of view (mm)")

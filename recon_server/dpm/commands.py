@@ -14,21 +14,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from recon_server import options
+
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
@@ -36,21 +24,21 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="run directory (train_state/, last/, best/, log.jsonl)"
     )
-    p.add_argument("--lr", type=_positive_float, default=lr, help="base learning rate")
+    p.add_argument("--lr", type=options.positive_float, default=lr, help="base learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--warmup-kimg", type=float, default=0.0, help="linear warm-up (thousands of images)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_float, help="passes over the training slices")
-    length.add_argument("--steps", type=_positive_int, help="optimizer steps")
-    p.add_argument("--batch", type=_positive_int, default=batch, help="global batch (all processes)")
-    p.add_argument("--ema-halflife-kimg", type=_positive_float, default=500.0)
+    length.add_argument("--epochs", type=options.positive_float, help="passes over the training slices")
+    length.add_argument("--steps", type=options.positive_int, help="optimizer steps")
+    p.add_argument("--batch", type=options.positive_int, default=batch, help="global batch (all processes)")
+    p.add_argument("--ema-halflife-kimg", type=options.positive_float, default=500.0)
     p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio (0 disables)")
     p.add_argument("--val-subjects", type=int, default=2, help="held-out subjects of the validation contrast")
     p.add_argument("--val-data", type=Path, help="separate held-out set instead of --val-subjects")
     p.add_argument("--val-every", type=int, default=500, help="steps between validations (0: never)")
-    p.add_argument("--ckpt-every", type=_positive_int, default=1000, help="steps between checkpoints")
-    p.add_argument("--log-every", type=_positive_int, default=50)
-    p.add_argument("--max-subjects", type=_positive_int, help="cap on training subjects per contrast")
+    p.add_argument("--ckpt-every", type=options.positive_int, default=1000, help="steps between checkpoints")
+    p.add_argument("--log-every", type=options.positive_int, default=50)
+    p.add_argument("--max-subjects", type=options.positive_int, help="cap on training subjects per contrast")
     p.add_argument("--label-dropout", type=float, default=0.0, help="probability of dropping the contrast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
@@ -61,11 +49,11 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--crop",
-        type=_positive_int,
+        type=options.positive_int,
         help="train on random N x N windows of the slices (same pixel size; the U-Net is convolutional)",
     )
     p.add_argument(
-        "--stop-at-step", type=_positive_int, help="checkpoint and stop at this step (resume later)"
+        "--stop-at-step", type=options.positive_int, help="checkpoint and stop at this step (resume later)"
     )
 
 
@@ -80,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--contrasts", required=True, help="comma-separated, e.g. T1,T2,T1POST")
     pre.add_argument("--model-size", choices=["tiny", "cpu", "demo", "paper"], default="demo")
     pre.add_argument("--joint", metavar="CONTRAST", help="also train on this target contrast at once")
-    pre.add_argument("--target-subjects", type=_positive_int, help="cap on --joint training subjects")
+    pre.add_argument("--target-subjects", type=options.positive_int, help="cap on --joint training subjects")
     pre.set_defaults(func=_run_pretrain)
 
     fine = phases.add_parser("finetune", help="fine-tune on a new target contrast", formatter_class=fmt)
@@ -90,19 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fine.add_argument("--contrast", required=True, help="target contrast (gets a new slot)")
     fine.add_argument(
-        "--epoch-fraction", type=_positive_float, default=0.02, help="of the pre-training epochs"
+        "--epoch-fraction", type=options.positive_float, default=0.02, help="of the pre-training epochs"
     )
-    fine.add_argument("--target-subjects", type=_positive_int, help="cap on target training subjects")
+    fine.add_argument("--target-subjects", type=options.positive_int, help="cap on target training subjects")
     fine.add_argument("--slot-init", choices=["mean", "zeros"], default="mean")
     fine.set_defaults(func=_run_finetune)
 
     smp = subparsers.add_parser("sample", help="draw images from the diffusion prior", formatter_class=fmt)
     smp.add_argument("--model", type=Path, required=True, help="checkpoint directory (or run directory)")
     smp.add_argument("--contrast", required=True)
-    smp.add_argument("--n", type=_positive_int, default=8)
+    smp.add_argument("--n", type=options.positive_int, default=8)
     smp.add_argument("--out", type=Path, required=True, help="PNG grid of magnitudes")
-    smp.add_argument("--steps", type=_positive_int, default=32)
-    smp.add_argument("--size", type=_positive_int, default=256, help="square matrix size")
+    smp.add_argument("--steps", type=options.positive_int, default=32)
+    smp.add_argument("--size", type=options.positive_int, default=256, help="square matrix size")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--solver", choices=["heun", "euler"], default="heun")
     smp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from recon_server import options
 from recon_server.config import (
     DEFAULT_PORT,
     MAX_POSTERIOR_SAMPLES,
@@ -25,13 +26,6 @@ from recon_server.dicom.commands import add_output_args, output_config
 from recon_server.scan import ImageVolume
 
 log = logging.getLogger(__name__)
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
-    return value
 
 
 def _samples(text: str) -> int:
@@ -62,8 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config", type=Path, default=None, help="TOML configuration file (docs/configuration.md)"
     )
     p.add_argument("--host", default=None, help="address of the MRD stream server (127.0.0.1)")
-    p.add_argument("--port", type=_port, default=None, help=f"port of the MRD stream server ({DEFAULT_PORT})")
-    p.add_argument("--gadgetron-port", type=_port, default=None, help="also listen for Gadgetron <connect>")
+    p.add_argument(
+        "--port", type=options.port, default=None, help=f"port of the MRD stream server ({DEFAULT_PORT})"
+    )
+    p.add_argument(
+        "--gadgetron-port", type=options.port, default=None, help="also listen for Gadgetron <connect>"
+    )
     p.add_argument("--gadgetron-host", default=None, help="address of the Gadgetron listener (127.0.0.1)")
     p.add_argument("--gadgetron-only", action="store_true", help="run only the Gadgetron listener")
     p.add_argument("--method", default=None, help="default reconstruction method (cg-sense)")
@@ -87,7 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint directory of the diffusion model")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="denoiser backend (torch)")
     p.add_argument("--http-host", default=None, help="address of /healthz /readyz /metrics (127.0.0.1)")
-    p.add_argument("--http-port", type=_port, default=None, help="port of the health/metrics endpoint (9090)")
+    p.add_argument(
+        "--http-port", type=options.port, default=None, help="port of the health/metrics endpoint (9090)"
+    )
     p.add_argument("--no-http", action="store_true", help="no health/metrics endpoint")
     p.add_argument("--log-format", choices=["text", "json"], default=None, help="log line format (text)")
     add_output_args(p)
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("replay", help="stream an ISMRMRD raw file to a server", formatter_class=fmt)
     p.add_argument("file", type=Path)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    p.add_argument("--port", type=options.port, default=DEFAULT_PORT)
     p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
     p.add_argument("--method", default=None, help="ask the server for this method")
     p.add_argument(

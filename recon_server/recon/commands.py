@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from recon_server import options
+
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +44,6 @@ def _str_list(text: str) -> list[str]:
     if not values:
         raise argparse.ArgumentTypeError("expected a comma-separated list")
     return values
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -92,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--methods", type=_str_list, default=["zero-filled", "cg-sense", "l1-wavelet", "dps", "dps-fast"]
     )
     ev.add_argument("--bart", action="store_true", help="add BART pics as an outside reference")
-    ev.add_argument("--subjects", type=_positive_int, help="at most this many subjects (sorted)")
-    ev.add_argument("--slices", type=_positive_int, help="only this many central slices per subject")
+    ev.add_argument("--subjects", type=options.positive_int, help="at most this many subjects (sorted)")
+    ev.add_argument("--slices", type=options.positive_int, help="only this many central slices per subject")
     ev.add_argument("--out", type=Path, default=Path("eval-out"), help="results.json/.md and montages")
     _model_options(ev)
     ev.set_defaults(func=run_evaluate)
@@ -108,8 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tz.add_argument("--accel", type=_int_list, default=[2, 4, 5, 6])
     tz.add_argument("--zetas", type=_float_list, required=True, help="weights to try, e.g. 0.3,1,3")
     tz.add_argument("--method", choices=["dps", "dps-fast", "dps-warm"], default="dps")
-    tz.add_argument("--subjects", type=_positive_int, default=2)
-    tz.add_argument("--slices", type=_positive_int, default=4)
+    tz.add_argument("--subjects", type=options.positive_int, default=2)
+    tz.add_argument("--slices", type=options.positive_int, default=4)
     tz.add_argument("--dry-run", action="store_true", help="print the sweep, leave the card alone")
     tz.add_argument("--device", default="cpu")
     tz.add_argument("--set", dest="overrides", action="append", metavar="METHOD.SETTING=VALUE")
