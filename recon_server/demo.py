@@ -41,7 +41,7 @@ def _stage(title: str) -> float:
 
 def start_server(args: Sequence[str]) -> tuple[subprocess.Popen[str], int]:
     """Start ``recon-server serve`` on a free port; returns the process and the port it bound."""
-    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", *args]
+    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", "--http-port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S

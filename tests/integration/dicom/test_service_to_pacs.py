@@ -21,7 +21,7 @@ SLICES = 3
 
 
 def _start_serve(args: list[str]) -> tuple[subprocess.Popen[str], int]:
-    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", *args]
+    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", "--no-http", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
