@@ -12,7 +12,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from recon_server import options
 from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy, TlsConfig
 from recon_server.dicom.sender import PacsSender, echo
 from recon_server.dicom.spool import Spool
@@ -21,7 +20,7 @@ from recon_server.dicom.spool import Spool
 def _add_destination_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="pacs", help="destination name (spool sub-folder)")
     parser.add_argument("--host", required=True, help="PACS host name or address")
-    parser.add_argument("--port", type=options.port, required=True, help="PACS DICOM port")
+    parser.add_argument("--port", type=int, required=True, help="PACS DICOM port (1..65535)")
     parser.add_argument("--called-ae", required=True, help="AE title of the PACS")
     parser.add_argument("--calling-ae", default="RECONSRV", help="our AE title")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate(s) to trust (enables TLS)")
