@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.bart import bart_binary, pics
 from recon_server.data import acquire
@@ -39,14 +40,7 @@ VOLUME_SLICES = 32
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return (
         f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 from gadgetron.external import Connection
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.data.ismrmrd_io import new_acquisition_headers
 from recon_server.mrd import wire
@@ -120,7 +121,7 @@ def main() -> None:
     header, acqs, nbytes = build_stream(args.coils, args.readout, args.lines, args.slices)
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {_cpu_model()}, "
+        f"machine: {platform.processor() or platform.machine()}, {cpu_model()} ({os.cpu_count()} cores), "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device cpu"
     )
     print(
@@ -132,17 +133,6 @@ def main() -> None:
     for kind in ("wire only", "wire + assembly", "gadgetron-python"):
         best = min(run(kind, header, acqs) for _ in range(args.repeats))
         print(f"| {kind} | {best:.3f} | {nbytes / 1e6 / best:.0f} |")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:  # noqa: PTH123
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,19 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.dpm.onnx import OnnxDenoiser, export_onnx
 from recon_server.dpm.unet import build_denoiser, count_parameters
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -105,7 +95,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     threads = args.threads or torch.get_num_threads()
     print(
-        f"machine: {_cpu_name()}, {os.cpu_count()} cores (threads {threads}), GPU {gpu}, "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores (threads {threads}), GPU {gpu}, "
         f"load average {os.getloadavg()[0]:.1f}; batch {args.batch} x 2 x {args.matrix} x {args.matrix}, "
         f"float32, {args.evals} evaluations per slice, median of {args.repeats}\n"
     )

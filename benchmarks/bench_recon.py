@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.bart import write_cfl
 from recon_server.data.masks import acs_region, equispaced_mask, mask_2d
@@ -102,13 +103,7 @@ def undersample(k: torch.Tensor, accel: int) -> tuple[torch.Tensor, np.ndarray, 
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (
         f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "

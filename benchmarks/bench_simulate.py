@@ -19,18 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.data import acquire, phantom, slices
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -82,7 +73,7 @@ def main() -> int:
     print("# bench_simulate\n")
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
     print(
-        f"machine: {_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"device cpu, python {platform.python_version()}\n"
     )
     print(

@@ -11,26 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.dpm.edm import EDMLoss
 from recon_server.dpm.unet import build_denoiser, count_parameters
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     text = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
