@@ -57,6 +57,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-epochs", type=float, help="scratch/many epochs (default: --pretrain-epochs)")
     p.add_argument("--finetune-epochs", type=float, help="default: 2%% of the pre-training epochs")
     p.add_argument("--finetune-lr", type=float, default=1e-5)
+    p.add_argument("--pretrain-lr", type=float, default=1e-4, help="lr of pretrain, scratch, many and joint")
+    p.add_argument(
+        "--train-steps",
+        type=positive_int,
+        help="optimizer steps of scratch, many and joint (equal compute; overrides their epochs)",
+    )
+    p.add_argument("--crop", type=positive_int, help="train on random square crops of this size")
+    p.add_argument(
+        "--baselines",
+        default="cg-sense,l1-wavelet",
+        help="classical methods evaluated once on the same subjects (empty: none)",
+    )
     p.add_argument("--lrs", type=_float_list, default=[float(v) for v in PAPER_LRS.split(",")])
     p.add_argument(
         "--lengths", type=_float_list, help="fine-tuning epochs for experiment 2 (default: 0.5x, 1x, 2x)"
@@ -73,7 +85,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _model_options(p)
 
 
-def _options(args: argparse.Namespace, out: Path, *, lr: float, epochs: float, data: tuple[Path, ...]) -> Any:
+def _options(
+    args: argparse.Namespace,
+    out: Path,
+    *,
+    lr: float,
+    epochs: float,
+    data: tuple[Path, ...],
+    steps: int | None = None,
+) -> Any:
     from recon_server.dpm.runs import RunOptions
 
     return RunOptions(
@@ -81,7 +101,9 @@ def _options(args: argparse.Namespace, out: Path, *, lr: float, epochs: float, d
         out=out,
         lr=lr,
         batch=args.batch,
-        epochs=epochs,
+        epochs=None if steps else epochs,
+        steps=steps,
+        crop=args.crop,
         val_subjects=args.val_subjects,
         val_every=10**9,  # validate at the end only (short runs)
         ckpt_every=10**9,
@@ -95,23 +117,32 @@ def _options(args: argparse.Namespace, out: Path, *, lr: float, epochs: float, d
 
 
 def _evaluate(
-    args: argparse.Namespace, model_dir: Path, accels: list[int], name: str
-) -> dict[str, list[float]]:
+    args: argparse.Namespace,
+    model_dir: Path | None,
+    accels: list[int],
+    name: str,
+    methods: list[str] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """NRMSE ``[mean, sd]`` per method and acceleration (``{method: {"R": [m, sd]}}``)."""
     from recon_server.evaluate import run_evaluation
     from recon_server.recon.methods import configure_diffusion
 
-    configure_diffusion(model_dir=model_dir)
+    if model_dir is not None:
+        configure_diffusion(model_dir=model_dir)
     doc = run_evaluation(
         args.data,
         accelerations=accels,
-        methods=[args.method],
+        methods=methods or [args.method],
         out_dir=args.out / "eval" / name,
         subjects=args.subjects,
         slices=args.slices,
         device=args.device,
     )
     summary: list[dict[str, Any]] = doc["summary"]  # type: ignore[assignment]
-    return {str(row["acceleration"]): list(row["nrmse"]) for row in summary}
+    table: dict[str, dict[str, list[float]]] = {}
+    for row in summary:
+        table.setdefault(str(row["method"]), {})[str(row["acceleration"])] = list(row["nrmse"])
+    return table
 
 
 def _pm(v: list[float] | None) -> str:
@@ -136,7 +167,9 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
         if not args.pretrain_data:
             raise ValueError("give --pretrained CKPT or --pretrain-data DIR")
         data = tuple(args.pretrain_data)
-        opts = _options(args, runs / "pretrained", lr=1e-4, epochs=args.pretrain_epochs, data=data)
+        opts = _options(
+            args, runs / "pretrained", lr=args.pretrain_lr, epochs=args.pretrain_epochs, data=data
+        )
         pretrain(opts, contrasts=contrasts, model_size=args.model_size)
         pre_dir = resolve_checkpoint(runs / "pretrained")
     pre_epochs = read_card(pre_dir).training.get("epochs") or args.pretrain_epochs
@@ -159,19 +192,26 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
         opts = _options(args, runs / name, lr=args.finetune_lr, epochs=ft_epochs, data=flair)
         finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
         models[name] = runs / name
+        lr, steps = args.pretrain_lr, args.train_steps
         name = f"scratch-{n}"
-        opts = _options(args, runs / name, lr=1e-4, epochs=scratch_epochs, data=flair)
+        opts = _options(args, runs / name, lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
         pretrain(dataclasses.replace(opts, max_subjects=n), contrasts=["FLAIR"], model_size=args.model_size)
         models[name] = runs / name
-        opts = _options(args, runs / "many", lr=1e-4, epochs=scratch_epochs, data=flair)
+        opts = _options(args, runs / "many", lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
         pretrain(opts, contrasts=["FLAIR"], model_size=args.model_size)
         models["many"] = runs / "many"
         if args.pretrain_data:
             joint_data = (*args.pretrain_data, args.flair_data)
-            opts = _options(args, runs / "joint", lr=1e-4, epochs=args.pretrain_epochs, data=joint_data)
+            opts = _options(
+                args, runs / "joint", lr=lr, epochs=args.pretrain_epochs, data=joint_data, steps=steps
+            )
             pretrain(opts, contrasts=contrasts, model_size=args.model_size, joint="FLAIR", target_subjects=n)
             models["joint"] = runs / "joint"
-        table = {m: _evaluate(args, d, list(args.accel), m) for m, d in models.items()}
+        accels = list(args.accel)
+        table = {m: _evaluate(args, d, accels, m)[args.method] for m, d in models.items()}
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        if baselines:
+            table.update(_evaluate(args, None, accels, "baselines", baselines))
         doc["experiment1"] = table
         md += [
             f"## Experiment 1: training strategies, NRMSE ({args.method}, mean ± sd over subjects)",
@@ -194,7 +234,7 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
                 name = f"ft-lr{lr:g}-ep{length:g}"
                 opts = _options(args, runs / name, lr=lr, epochs=length, data=flair)
                 finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
-                res = _evaluate(args, runs / name, [args.ablation_accel], name)
+                res = _evaluate(args, runs / name, [args.ablation_accel], name)[args.method]
                 ablation[f"{lr:g}"][f"{length:g}"] = res.get(str(args.ablation_accel))
         doc["experiment2"] = ablation
         md += [

@@ -51,10 +51,10 @@ def test_experiment_paper_runs_end_to_end(
         "--train-device",
         "cpu",
     ]
-    args += ["--set", "dps-fast.steps=2"]
+    args += ["--set", "dps-fast.steps=2", "--baselines", "cg-sense", "--crop", "32", "--train-steps", "3"]
     assert main(args) == 0
     doc = json.loads((out / "experiment.json").read_text())
-    assert set(doc["experiment1"]) == {"finetuned-2", "scratch-2", "many", "joint"}
+    assert set(doc["experiment1"]) == {"finetuned-2", "scratch-2", "many", "joint", "cg-sense"}
     for row in doc["experiment1"].values():
         assert set(row) == {"2", "4"} and all(0 < v[0] < 2 for v in row.values())
     assert set(doc["experiment2"]) == {"0.0001", "1e-05"}
@@ -63,3 +63,7 @@ def test_experiment_paper_runs_end_to_end(
     assert "## Experiment 1" in md and "| finetuned-2 |" in md and "## Experiment 2" in md
     card = json.loads((out / "runs" / "finetuned-2" / "last" / "card.json").read_text())
     assert card["contrast_slots"] == ["T1", "T2", "FLAIR"] and card["training"]["mode"] == "finetune"
+    # --train-steps gives scratch, many and joint the same number of optimizer steps (equal compute)
+    for name in ("scratch-2", "many", "joint"):
+        card = json.loads((out / "runs" / name / "last" / "card.json").read_text())
+        assert card["training"]["steps"] == 3, name
