@@ -147,7 +147,8 @@ def _ismrmrd_scans(path: Path, subject: str, contrast: str | None) -> Iterator[S
 
 
 def _fastmri_scan(path: Path, contrast: str | None) -> ScanInput:
-    from recon_server.mrd.assemble import parse_header, remove_readout_oversampling
+    from recon_server.mrd.assemble import parse_header
+    from recon_server.mrd.oversampling import remove_readout_oversampling
 
     scan = fastmri.read_fastmri(path)
     label = contrast or scan.contrast

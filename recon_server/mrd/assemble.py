@@ -10,9 +10,10 @@ Feed an :class:`Assembler` the readouts as they arrive and call :meth:`Assembler
 - Lines flagged ACQ_IS_PARALLEL_CALIBRATION are calibration only; lines flagged
   ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING are both. Without either flag the calibration
   region is the fully sampled run of lines around the centre (``masks.acs_region``).
-- Readout oversampling: when readouts are longer than reconSpace x, the lines are kept at
-  encodedSpace x and, at ``finish``, transformed to image space along x, cropped to the
-  central reconSpace x columns, and transformed back (centred orthonormal FFT).
+- Readout oversampling: when readouts are longer than reconSpace x, each line is placed in a
+  row of encodedSpace x, transformed to image space along x, cropped to the central reconSpace x
+  columns and transformed back (centred orthonormal FFT), in batches while the scan streams in
+  (:class:`recon_server.mrd.oversampling.StreamingCropper`). K-space is stored at reconSpace x.
 - Geometry per slice (``idx.slice``) comes from its first imaging readout (position and
   read/phase/slice directions) and reconSpace fieldOfView_mm. All-zero direction vectors
   (some simulators write them) are replaced by the identity axes.
@@ -25,14 +26,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import ismrmrd
 import numpy as np
-import scipy.fft as sfft
 from ismrmrd import xsd
 
 from recon_server.data.masks import acceleration_of, acs_region, mask_2d
 from recon_server.mrd import wire
+from recon_server.mrd.oversampling import StreamingCropper
 from recon_server.scan import KSpaceScan, SliceGeometry
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,15 @@ class _Store:
     slices_seen: set[int] = field(default_factory=set)
 
 
+class _Target(NamedTuple):
+    """Where a line goes: store key (contrast, repetition), slice, row, calibration-only."""
+
+    key: tuple[int, int]
+    slice: int
+    row: int
+    calib_only: bool
+
+
 class Assembler:
     """Collects readouts of one stream into k-space scans (see the module docstring)."""
 
@@ -168,7 +179,8 @@ class Assembler:
         system = self.header.acquisitionSystemInformation
         rc = system.receiverChannels if system is not None else None
         self.channels: int | None = int(rc) if rc else None
-        self.nx: int | None = None  # stored readout width, fixed by the first imaging line
+        self.nx: int | None = None  # width lines are placed in (encodedSpace x when oversampled)
+        self.cropper: StreamingCropper[_Target] | None = None
         self.stores: dict[tuple[int, int], _Store] = {}
         self.noise: list[np.ndarray] = []
         self.n_lines = 0
@@ -201,8 +213,11 @@ class Assembler:
             self.noise.append(np.asarray(data, dtype=np.complex64))
             return
         if self.nx is None:
-            # Readouts longer than the recon matrix carry oversampling: keep the encoded width.
+            # Readouts longer than the recon matrix carry oversampling: place them at the encoded
+            # width and crop them to the recon width as they stream in.
             self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
+            if self.nx > self.recon_nx:
+                self.cropper = StreamingCropper(channels, self.nx, self.recon_nx, self._place_batch)
         idx = head["idx"]
         key = (int(idx["contrast"]), int(idx["repetition"]))
         store = self.stores.get(key)
@@ -215,7 +230,7 @@ class Assembler:
         sl = int(idx["slice"])
         if sl >= store.kspace.shape[0]:
             store = self._grow(key, store, sl + 1)
-        nx = store.kspace.shape[-1]
+        nx = self.nx
         x0 = nx // 2 - int(head["center_sample"]) if int(head["center_sample"]) else (nx - samples) // 2
         if x0 < 0 or x0 + samples > nx:
             raise ValueError(
@@ -223,12 +238,16 @@ class Assembler:
                 f"readout of {nx} (encodedSpace x {self.enc_nx}, reconSpace x {self.recon_nx})"
             )
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
-        if flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING:
-            if store.calib_only is None:
-                store.calib_only = np.zeros_like(store.kspace)
-            store.calib_only[sl, :, ky, x0 : x0 + samples] = data
+        calib_only = bool(flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING)
+        if calib_only and store.calib_only is None:
+            store.calib_only = np.zeros_like(store.kspace)
+        if self.cropper is not None:
+            self.cropper.add(_Target(key, sl, ky, calib_only), data, x0)
         else:
-            store.kspace[sl, :, ky, x0 : x0 + samples] = data
+            dest = store.calib_only if calib_only else store.kspace
+            assert dest is not None
+            dest[sl, :, ky, x0 : x0 + samples] = data
+        if not calib_only:
             store.imaging[ky] = True
             if sl not in store.geometry:
                 store.geometry[sl] = np.concatenate(
@@ -238,9 +257,22 @@ class Assembler:
             store.calibration_rows[ky] = True
         store.slices_seen.add(sl)
 
+    def _place_batch(self, targets: list[_Target], lines: np.ndarray) -> None:
+        """Put cropped lines (n, coils, recon nx) in their stores."""
+        groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
+        for i, t in enumerate(targets):
+            groups.setdefault((t.key, t.calib_only), []).append(i)
+        for (key, calib_only), rows in groups.items():
+            store = self.stores[key]
+            dest = store.calib_only if calib_only else store.kspace
+            assert dest is not None
+            sl = np.array([targets[i].slice for i in rows])
+            ky = np.array([targets[i].row for i in rows])
+            dest[sl, :, ky, :] = lines[rows]
+
     def _new_store(self) -> _Store:
         assert self.channels is not None and self.nx is not None
-        shape = (self.n_slices, self.channels, self.ny, self.nx)
+        shape = (self.n_slices, self.channels, self.ny, self.recon_nx)
         return _Store(
             kspace=np.zeros(shape, dtype=np.complex64),
             imaging=np.zeros(self.ny, dtype=bool),
@@ -291,6 +323,8 @@ class Assembler:
         """Return one scan per (contrast, repetition), in that order."""
         if not self.stores or not any(s.imaging.any() for s in self.stores.values()):
             raise ValueError("the stream holds no imaging readouts")
+        if self.cropper is not None:
+            self.cropper.flush()
         noise = np.concatenate(self.noise, axis=1) if self.noise else None
         return [self._finish_one(key, store, noise) for key, store in sorted(self.stores.items())]
 
@@ -299,12 +333,11 @@ class Assembler:
         if not store.imaging.any():
             raise ValueError(f"contrast {contrast_index} repetition {repetition}: only calibration readouts")
         slices = sorted(store.slices_seen)
-        kspace = store.kspace[slices]
-        calib_only = store.calib_only[slices] if store.calib_only is not None else None
-        if kspace.shape[-1] > self.recon_nx:
-            kspace = remove_readout_oversampling(kspace, self.recon_nx)
-            if calib_only is not None:
-                calib_only = remove_readout_oversampling(calib_only, self.recon_nx)
+        every = slices == list(range(store.kspace.shape[0]))
+        kspace = store.kspace if every else store.kspace[slices]  # no copy in the usual case
+        calib_only = store.calib_only
+        if calib_only is not None and not every:
+            calib_only = calib_only[slices]
         if store.calibration_rows.any():
             acs = acs_region(store.calibration_rows | (store.imaging & (calib_only is None)), min_lines=2)
         else:
@@ -341,24 +374,6 @@ class Assembler:
             contrast_index=contrast_index,
             measurement_id=self.measurement_id,
         )
-
-
-def remove_readout_oversampling(kspace: np.ndarray, nx: int) -> np.ndarray:
-    """Crop the readout (last axis) to ``nx`` points of image space, keeping k-space units.
-
-    ``k -> ifftc_x -> keep the central nx columns -> fftc_x`` (centred, orthonormal).
-    """
-    full = kspace.shape[-1]
-    if nx >= full:
-        return kspace
-    # scipy.fft keeps complex64 (numpy.fft would compute in complex128) and uses all cores.
-    img = sfft.fftshift(
-        sfft.ifft(sfft.ifftshift(kspace, axes=-1), axis=-1, norm="ortho", workers=-1), axes=-1
-    )
-    start = (full - nx) // 2
-    img = img[..., start : start + nx]
-    out = sfft.fftshift(sfft.fft(sfft.ifftshift(img, axes=-1), axis=-1, norm="ortho", workers=-1), axes=-1)
-    return np.asarray(out, dtype=np.complex64)
 
 
 def parse_config_text(text: str) -> dict:

@@ -11,7 +11,8 @@ import pytest
 
 from recon_server.data import ismrmrd_io
 from recon_server.mrd import wire
-from recon_server.mrd.assemble import Assembler, contrast_label, parse_header, remove_readout_oversampling
+from recon_server.mrd.assemble import Assembler, contrast_label, parse_header
+from recon_server.mrd.oversampling import StreamingCropper, remove_readout_oversampling
 
 
 def _assemble(path: Path) -> list:
@@ -129,3 +130,69 @@ def test_readout_oversampling_removal_keeps_the_central_fov() -> None:
     k64 = remove_readout_oversampling(k[None], 64)[0]
     back = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k64), norm="ortho"))
     np.testing.assert_allclose(np.abs(back), np.abs(x[32:96]), atol=1e-5)
+
+
+@pytest.mark.parametrize(("full", "nx"), [(128, 64), (96, 70), (129, 64), (128, 65)])
+def test_readout_oversampling_removal_equals_the_shifted_definition(full: int, nx: int) -> None:
+    # The shift-free even path must equal fftc(crop(ifftc(k))) written out with every shift.
+    rng = np.random.default_rng(full + nx)
+    k = (rng.standard_normal((2, 3, full)) + 1j * rng.standard_normal((2, 3, full))).astype(np.complex64)
+    img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, axes=-1), norm="ortho"), axes=-1)
+    start = (full - nx) // 2
+    crop = img[..., start : start + nx]
+    want = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(crop, axes=-1), norm="ortho"), axes=-1)
+    got = remove_readout_oversampling(k, nx)
+    assert got.dtype == np.complex64 and got.shape == (2, 3, nx)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_streaming_cropper_matches_the_bulk_crop_across_batches() -> None:
+    # 10 lines through batches of 3 (three placed while streaming, one flushed), one of them a
+    # partial readout (asymmetric echo) placed off-centre in its row.
+    rng = np.random.default_rng(3)
+    full, nx, coils = 32, 16, 2
+    rows = (rng.standard_normal((10, coils, full)) + 1j * rng.standard_normal((10, coils, full))).astype(
+        np.complex64
+    )
+    rows[4, :, :8] = 0
+    got: dict[int, np.ndarray] = {}
+
+    def place(targets: list[int], lines: np.ndarray) -> None:
+        got.update(zip(targets, lines.copy(), strict=True))
+
+    cropper: StreamingCropper[int] = StreamingCropper(coils, full, nx, place, batch=3)
+    for i, row in enumerate(rows):
+        data, x0 = (row[:, 8:], 8) if i == 4 else (row, 0)
+        cropper.add(i, data, x0)
+    assert sorted(got) == list(range(9))  # three full batches placed while streaming
+    cropper.flush()
+    assert sorted(got) == list(range(10))
+    want = remove_readout_oversampling(rows, nx)
+    np.testing.assert_allclose(np.stack([got[i] for i in range(10)]), want, atol=1e-5)
+
+
+def test_assembler_crops_oversampled_lines_in_batches_across_slices() -> None:
+    # More lines than five cropping batches, the last slice beyond the header's limits (the
+    # buffer grows after batches were placed): equal to the bulk crop.
+    rng = np.random.default_rng(5)
+    coils, ny, full, nx, slices = 2, 16, 32, 16, 20
+    header = f"""<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+<experimentalConditions><H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions>
+<encoding><encodedSpace><matrixSize><x>{full}</x><y>{ny}</y><z>1</z></matrixSize>
+<fieldOfView_mm><x>480</x><y>240</y><z>5</z></fieldOfView_mm></encodedSpace>
+<reconSpace><matrixSize><x>{nx}</x><y>{ny}</y><z>1</z></matrixSize>
+<fieldOfView_mm><x>240</x><y>240</y><z>5</z></fieldOfView_mm></reconSpace>
+<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum>
+<center>{ny // 2}</center>
+</kspace_encoding_step_1><slice><minimum>0</minimum><maximum>{slices - 2}</maximum><center>0</center></slice>
+</encodingLimits><trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"""
+    asm = Assembler(header)
+    k = (rng.standard_normal((slices, coils, ny, full)) + 0j).astype(np.complex64)
+    heads = ismrmrd_io.new_acquisition_headers(ny * slices)
+    heads["idx"]["kspace_encode_step_1"] = np.tile(np.arange(ny), slices)
+    heads["idx"]["slice"] = np.repeat(np.arange(slices), ny)
+    heads["center_sample"] = full // 2
+    for head in heads:
+        asm.add_line(head, k[head["idx"]["slice"], :, head["idx"]["kspace_encode_step_1"]])
+    (scan,) = asm.finish()
+    np.testing.assert_allclose(scan.kspace, remove_readout_oversampling(k, nx), atol=1e-5)
