@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -82,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-subjects", type=int, default=2)
     p.add_argument("--train-device", default="auto")
     p.add_argument("--only", choices=["1", "2"], help="run only experiment 1 or 2")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep models already trained in OUT/runs (an interrupted experiment goes on where it stopped)",
+    )
     _model_options(p)
 
 
@@ -145,6 +151,14 @@ def _evaluate(
     return table
 
 
+def _train_once(args: argparse.Namespace, run_dir: Path, train: Any) -> None:
+    """``train()`` unless ``--reuse`` and ``run_dir`` already holds a finished run."""
+    if args.reuse and (run_dir / "last" / "card.json").is_file():
+        log.info("reusing %s (--reuse)", run_dir)
+        return
+    train()
+
+
 def _pm(v: list[float] | None) -> str:
     return "-" if not v else f"{v[0]:.4f} ± {v[1]:.4f}"
 
@@ -170,7 +184,7 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
         opts = _options(
             args, runs / "pretrained", lr=args.pretrain_lr, epochs=args.pretrain_epochs, data=data
         )
-        pretrain(opts, contrasts=contrasts, model_size=args.model_size)
+        _train_once(args, opts.out, lambda: pretrain(opts, contrasts=contrasts, model_size=args.model_size))
         pre_dir = resolve_checkpoint(runs / "pretrained")
     pre_epochs = read_card(pre_dir).training.get("epochs") or args.pretrain_epochs
     ft_epochs = args.finetune_epochs or 0.02 * float(pre_epochs)
@@ -190,22 +204,38 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
         models: dict[str, Path] = {}
         name = f"finetuned-{n}"
         opts = _options(args, runs / name, lr=args.finetune_lr, epochs=ft_epochs, data=flair)
-        finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+        _train_once(
+            args, opts.out, lambda: finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+        )
         models[name] = runs / name
         lr, steps = args.pretrain_lr, args.train_steps
         name = f"scratch-{n}"
-        opts = _options(args, runs / name, lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
-        pretrain(dataclasses.replace(opts, max_subjects=n), contrasts=["FLAIR"], model_size=args.model_size)
+        scratch = _options(args, runs / name, lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
+        scratch = dataclasses.replace(scratch, max_subjects=n)
+        _train_once(
+            args, scratch.out, lambda: pretrain(scratch, contrasts=["FLAIR"], model_size=args.model_size)
+        )
         models[name] = runs / name
-        opts = _options(args, runs / "many", lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
-        pretrain(opts, contrasts=["FLAIR"], model_size=args.model_size)
+        many = _options(args, runs / "many", lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
+        _train_once(args, many.out, lambda: pretrain(many, contrasts=["FLAIR"], model_size=args.model_size))
         models["many"] = runs / "many"
         if args.pretrain_data:
             joint_data = (*args.pretrain_data, args.flair_data)
-            opts = _options(
+            joint = _options(
                 args, runs / "joint", lr=lr, epochs=args.pretrain_epochs, data=joint_data, steps=steps
             )
-            pretrain(opts, contrasts=contrasts, model_size=args.model_size, joint="FLAIR", target_subjects=n)
+            _train_once(
+                args,
+                joint.out,
+                functools.partial(
+                    pretrain,
+                    joint,
+                    contrasts=contrasts,
+                    model_size=args.model_size,
+                    joint="FLAIR",
+                    target_subjects=n,
+                ),
+            )
             models["joint"] = runs / "joint"
         accels = list(args.accel)
         table = {m: _evaluate(args, d, accels, m)[args.method] for m, d in models.items()}
@@ -232,8 +262,12 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
             ablation[f"{lr:g}"] = {}
             for length in lengths:
                 name = f"ft-lr{lr:g}-ep{length:g}"
-                opts = _options(args, runs / name, lr=lr, epochs=length, data=flair)
-                finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+                ft = _options(args, runs / name, lr=lr, epochs=length, data=flair)
+                _train_once(
+                    args,
+                    ft.out,
+                    functools.partial(finetune, ft, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n),
+                )
                 res = _evaluate(args, runs / name, [args.ablation_accel], name)[args.method]
                 ablation[f"{lr:g}"][f"{length:g}"] = res.get(str(args.ablation_accel))
         doc["experiment2"] = ablation

@@ -41,6 +41,11 @@ slopes at ``x_i`` and the Euler prediction (one extra network call without graph
         c   = eta s_{i+1} sqrt(1 - s_{i+1}^2 / s_i^2)
         x  = z + sqrt(s_{i+1}^2 - c^2) eps + c n        (DDIM re-noising; = z at s_N = 0)
 
+Support: pixels that no coil sees (ESPIRiT maps are zero there) are in the null space of ``A``,
+so the data never corrects them and the prior's texture would stay in the background (CG-SENSE
+leaves them at zero). With ``support`` (bool ``(B, H, W)``, e.g. ``sum_c |S_c|^2 > 0``) both
+samplers zero ``x0`` outside it after every network call and return an image that is zero there.
+
 Both samplers count network evaluations per batch item (``nfe``) in their :class:`SampleResult`.
 A warm start (``init`` and a small ``sigma_max``, e.g. CG-SENSE noised to ``s = 1``) runs only the
 end of the schedule.
@@ -156,6 +161,22 @@ def _check(y: Tensor, steps: int, init: Tensor | None) -> None:
         raise ValueError(f"init must be complex (B, H, W) with B = {y.shape[0]}, got {tuple(init.shape)}")
 
 
+def _restrict(x0: Tensor, support: Tensor | None) -> Tensor:
+    """``x0`` (channels ``(B, 2, H, W)`` or complex ``(B, H, W)``) set to zero outside ``support``."""
+    if support is None:
+        return x0
+    keep = support.to(device=x0.device, dtype=torch.float32)
+    return x0 * (keep[:, None] if x0.ndim == 4 else keep)
+
+
+def _check_support(support: Tensor | None, y: Tensor, forward_op: ForwardModel) -> None:
+    if support is None:
+        return
+    b, h, w = forward_op.adjoint(y).shape
+    if tuple(support.shape) != (b, h, w):
+        raise ValueError(f"support must be (B, H, W) = {(b, h, w)}, got {tuple(support.shape)}")
+
+
 def _start(
     y: Tensor, forward_op: ForwardModel, init: Tensor | None, sigma0: float, generator: Generators
 ) -> Tensor:
@@ -181,6 +202,7 @@ def dps_step(
     zeta: float,
     guard: float = 2.0,
     solver: str = "euler",
+    support: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """One DPS step (module docstring) from ``x`` at ``sigma`` to ``sigma_next``.
 
@@ -190,7 +212,7 @@ def dps_step(
     s = torch.full((b,), sigma, dtype=torch.float32, device=x.device)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        x0 = denoise(xg, s).float()
+        x0 = _restrict(denoise(xg, s).float(), support)
         r = y - forward_op.forward(to_complex(x0))
         rn = _item_norm(torch.view_as_real(r))
         # grad of ||r||^2 / max(||r||, guard zeta) with the denominator held fixed (per item).
@@ -207,7 +229,7 @@ def dps_step(
     if solver == "heun" and sigma_next > 0:
         s2 = torch.full((b,), sigma_next, dtype=torch.float32, device=x.device)
         with torch.no_grad():
-            d2 = (x_next - denoise(x_next, s2).float()) / sigma_next
+            d2 = (x_next - _restrict(denoise(x_next, s2).float(), support)) / sigma_next
         x_next = x + (sigma_next - sigma) * 0.5 * (d + d2)
         nfe += 1
     return (x_next - zeta * grad).detach(), x0, rn.detach(), nfe
@@ -227,15 +249,18 @@ def dps_sample(
     solver: str = "euler",
     guard: float = 2.0,
     init: Tensor | None = None,
+    support: Tensor | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> SampleResult:
     """Diffusion posterior sampling with the gradient through the network (module docstring).
 
     ``zeta`` >= 0 is the data-consistency weight; ``guard`` the residual floor in units of zeta;
     ``init`` (complex ``(B, H, W)``, normalised) starts from ``init + sigma_max n`` (warm start).
-    ``callback(i, x0_hat, ||r||)`` after each step. Returns a :class:`SampleResult`.
+    ``support`` as in the module docstring. ``callback(i, x0_hat, ||r||)`` after each step.
+    Returns a :class:`SampleResult`.
     """
     _check(y, steps, init)
+    _check_support(support, y, forward_op)
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     if zeta < 0 or guard <= 0:
@@ -254,11 +279,12 @@ def dps_sample(
             zeta=zeta,
             guard=guard,
             solver=solver,
+            support=support,
         )
         nfe += n
         if callback is not None:
             callback(i, x0, rn)
-    image = to_complex(x)
+    image = _restrict(to_complex(x), support)
     settings: dict[str, object] = {
         "sampler": "dps",
         "solver": solver,
@@ -290,16 +316,18 @@ def dds_sample(
     sigma_max: float = DEFAULT_SIGMA_MAX,
     rho: float = DEFAULT_RHO,
     init: Tensor | None = None,
+    support: Tensor | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> SampleResult:
     """Decomposed diffusion sampling: denoise, a few CG data-consistency iterations, re-noise.
 
     ``gamma`` > 0 weights the proximity to the denoised image in the CG system (smaller = closer to
     the data); ``cg_iters`` CG iterations per step, one system per item; ``eta`` in [0, 1] the DDIM
-    stochasticity (0 deterministic). ``init``/``sigma_max`` as in :func:`dps_sample`.
+    stochasticity (0 deterministic). ``init``/``sigma_max``/``support`` as in :func:`dps_sample`.
     ``callback(i, z, ||A z - y|| / ||y||)`` after each step. No gradient through the network.
     """
     _check(y, steps, init)
+    _check_support(support, y, forward_op)
     if gamma <= 0 or cg_iters < 0 or not 0.0 <= eta <= 1.0:
         raise ValueError(f"need gamma > 0, cg_iters >= 0, 0 <= eta <= 1; got {gamma}, {cg_iters}, {eta}")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
@@ -311,6 +339,7 @@ def dds_sample(
         for i in range(steps):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             x0 = denoise(x, torch.full((b,), s, dtype=torch.float32, device=x.device)).float()
+            x0 = _restrict(x0, support)
             x0c = to_complex(x0)
             z = conjugate_gradient(
                 lambda v: forward_op.normal(v) + gamma * v,
@@ -328,6 +357,7 @@ def dds_sample(
             c = eta * s_next * math.sqrt(max(0.0, 1.0 - (s_next / s) ** 2))
             noise = randn(tuple(x.shape), generator, x.device) if c > 0 else torch.zeros_like(x)
             x = to_channels(z) + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps + c * noise
+    z = _restrict(z, support)
     settings: dict[str, object] = {
         "sampler": "dds",
         "steps": steps,

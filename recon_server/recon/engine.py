@@ -103,6 +103,7 @@ class SamplerSpec:
         y: Tensor,
         generators: Sequence[torch.Generator],
         init: Tensor | None,
+        support: Tensor | None = None,
     ) -> SampleResult:
         sigma_max = self.warm_sigma if self.warm_sigma is not None else self.sigma_max
         common: dict[str, Any] = dict(
@@ -112,6 +113,7 @@ class SamplerSpec:
             sigma_max=sigma_max,
             rho=self.rho,
             init=init,
+            support=support,
         )
         if self.kind == "dps":
             return dps_sample(denoise, op, y, zeta=self.zeta, solver=self.solver, guard=self.guard, **common)
@@ -322,7 +324,8 @@ def reconstruct_volume(
         init = None
         if spec.warm_sigma is not None:
             init = cg_sense(y, maps[idx], op.mask)
-        return spec.run(denoise, op, y, item_generators(seed, batch), init)
+        support = op.maps.abs().square().sum(dim=1) > 0  # pixels some coil sees (ESPIRiT crops)
+        return spec.run(denoise, op, y, item_generators(seed, batch), init, support)
 
     if batch_size is None:
         if dev.type == "cuda":

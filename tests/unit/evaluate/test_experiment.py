@@ -67,3 +67,11 @@ def test_experiment_paper_runs_end_to_end(
     for name in ("scratch-2", "many", "joint"):
         card = json.loads((out / "runs" / name / "last" / "card.json").read_text())
         assert card["training"]["steps"] == 3, name
+
+    # --reuse keeps the trained models (an interrupted experiment goes on) and evaluates again
+    finished = out / "runs" / "scratch-2" / "last" / "card.json"
+    before = finished.stat().st_mtime_ns
+    (out / "experiment.json").unlink()
+    assert main([*args, "--reuse", "--only", "1"]) == 0
+    assert finished.stat().st_mtime_ns == before
+    assert set(json.loads((out / "experiment.json").read_text())["experiment1"]) >= {"scratch-2", "joint"}
