@@ -7,10 +7,13 @@ data this project did not make, with the answer stored beside it.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import h5py
 import numpy as np
@@ -55,3 +58,20 @@ def shepp_accel2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shepp_truth() -> Callable[[Path], tuple[np.ndarray, np.ndarray]]:
     """``shepp_truth(path) -> (|phantom|, csm)`` for a file from the generator."""
     return shepp_logan_truth
+
+
+@pytest.fixture(scope="session")
+def vol() -> ModuleType:
+    """The DICOM test-volume factory (tests/unit/dicom/volumes.py), for unit and integration tests.
+
+    Loaded by path: with --import-mode=importlib the test folders are not packages.
+    """
+    name = "recon_dicom_test_volumes"
+    if name not in sys.modules:
+        path = Path(__file__).parent / "unit" / "dicom" / "volumes.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

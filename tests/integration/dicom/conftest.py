@@ -17,45 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 CLONE_NEWNET = 0x40000000
 PACS_AET = "TESTPACS"
 OUR_AET = "RECONSRV"
-
-
-def _load_volumes() -> ModuleType:
-    name = "recon_dicom_test_volumes"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).parents[2] / "unit" / "dicom" / "volumes.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def vol() -> ModuleType:
-    """Test-volume factory shared with the unit tests (tests/unit/dicom/volumes.py)."""
-    return _load_volumes()
 
 
 # ---- network namespace ---------------------------------------------------------------------

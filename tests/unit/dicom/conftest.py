@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -16,24 +13,6 @@ ACCEPTED_WARNINGS = (
     # no BodyPartExamined in the header: laterality is "actually unknown", sent empty
     "is only permitted to be empty when actually unknown",
 )
-
-
-def load_volumes() -> ModuleType:
-    """The test-volume factory next to this file (test folders are not packages)."""
-    name = "recon_dicom_test_volumes"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("volumes.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def vol() -> ModuleType:
-    return load_volumes()
 
 
 def _tool(name: str) -> str:
