@@ -32,9 +32,7 @@ from recon_server.dpm.checkpoint import load_checkpoint
 from recon_server.dpm.train import VAL_SIGMAS, validate
 from recon_server.dpm.trainset import Subset, open_training_set
 from recon_server.dpm.unet import normalise_contrast
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import machine  # noqa: E402
+from recon_server.machine import describe as describe_machine
 
 
 def main() -> int:
@@ -54,7 +52,7 @@ def main() -> int:
     held_out = Subset(ds, keep)
     subjects = sorted({ds.info(i).subject for i in keep})
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
-    print(f"machine: {machine()}, device {args.device}  ")
+    print(f"machine: {describe_machine()}; device {args.device}  ")
     n_subj = len(subjects)
     print(f"held-out: {len(keep)} {target} slices of {n_subj} subjects (up to {args.max_slices} used)\n")
     cols = " | ".join(f"PSNR@{s:g} dB" for s in VAL_SIGMAS)

@@ -19,33 +19,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.bart import bart_binary, pics
 from recon_server.data import acquire
 from recon_server.evaluate import undersample
+from recon_server.machine import describe as describe_machine
 from recon_server.pipeline import coil_maps
 from recon_server.recon import engine, methods, noise
 from recon_server.recon.classic import cg_sense
 
 VOLUME_SLICES = 32
-
-
-def machine(device: torch.device) -> str:
-    cpu = cpu_model()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return (
-        f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def sync(device: torch.device) -> None:
@@ -172,7 +161,7 @@ def main() -> None:
         rows.append(("BART pics", "-", float("nan"), float("nan"), "", "bart not installed"))
 
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"machine: {machine(device)}; device {device}")
+    print(f"machine: {describe_machine()}; device {device}")
     print(f"model: {model_desc}")
     print(
         f"data: simulated FLAIR, {args.size}x{args.size}, {args.coils} coils, {s} slices measured, "

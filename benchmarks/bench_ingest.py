@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -29,11 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from gadgetron.external import Connection
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.data.ismrmrd_io import new_acquisition_headers
+from recon_server.machine import describe as describe_machine
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
 
@@ -146,10 +143,7 @@ def main() -> None:
         path.write_bytes(serialize(header, acqs))
         streams[name] = (path, len(acqs), nbytes)
     print(f"command: {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {cpu_model()} ({os.cpu_count()} cores), "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device cpu"
-    )
+    print(f"machine: {describe_machine()}; device cpu")
     n_acqs, nbytes = streams["oversampled"][1:]
     print(
         f"data: {n_acqs} readouts x {args.coils} coils x {args.readout} samples (2x readout oversampling) = "

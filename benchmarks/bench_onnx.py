@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.dpm.onnx import OnnxDenoiser, export_onnx
 from recon_server.dpm.unet import build_denoiser, count_parameters
+from recon_server.machine import describe as describe_machine
 
 
 def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -92,10 +92,9 @@ def main() -> int:
 
     cmd = " ".join(["python", *sys.argv])
     print(f"\n`{cmd}`\n")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     threads = args.threads or torch.get_num_threads()
     print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores (threads {threads}), GPU {gpu}, "
+        f"machine: {describe_machine()}; benchmark threads {threads}, "
         f"load average {os.getloadavg()[0]:.1f}; batch {args.batch} x 2 x {args.matrix} x {args.matrix}, "
         f"float32, {args.evals} evaluations per slice, median of {args.repeats}\n"
     )

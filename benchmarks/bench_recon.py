@@ -13,8 +13,6 @@ Prints markdown tables with the command, the machine and the library versions.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.bart import write_cfl
 from recon_server.data.masks import acs_region, equispaced_mask, mask_2d
+from recon_server.machine import describe as describe_machine
 from recon_server.metrics import nrmse, ssim
 from recon_server.recon.classic import (
     CG_SENSE_ITERS,
@@ -100,15 +98,6 @@ def undersample(k: torch.Tensor, accel: int) -> tuple[torch.Tensor, np.ndarray, 
 
 
 # --------------------------------------------------------------------------- machine / timing
-
-
-def machine() -> str:
-    cpu = cpu_model()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; GPU: {gpu}; "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: bool = False) -> float:
@@ -288,7 +277,7 @@ def speed(repeats: int) -> None:
             )
 
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(
         f"data: one {n}x{n} slice, {coils} coils, R={accel} equispaced, "
         f"ACS {acs[1] - acs[0]} rows; median of {repeats}\n"
@@ -316,7 +305,7 @@ def tune(
     x, k_full = simulate(n, coils, slices, snr=snr, seed=1)
     cg_checks = (10, 20, 30, 50)
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"data: {slices} Colin27 slices {n}x{n}, {coils} coils, SNR {snr} (p99/sigma), equispaced masks\n")
     ref = x.abs().numpy()
     print("| R | method | lambda | iters | NRMSE | SSIM |")

@@ -11,17 +11,14 @@ scale + store) for ``--subjects`` subjects of ``--matrix`` x ``--matrix``, ``--c
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
-
 from recon_server.data import acquire, phantom, slices
+from recon_server.machine import describe as describe_machine
 
 
 def main() -> int:
@@ -72,10 +69,7 @@ def main() -> int:
     mean = sum(per_subject) / len(per_subject)
     print("# bench_simulate\n")
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n")
-    print(
-        f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"device cpu, python {platform.python_version()}\n"
-    )
+    print(f"machine: {describe_machine()}; device cpu\n")
     print(
         f"size: {args.matrix}x{args.matrix}, {args.coils} coils, {args.slices} slices, "
         f"readout oversampling {args.oversampling}, contrast {args.contrast} with lesions\n"

@@ -16,18 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from recon_server.dpm.edm import EDMLoss
 from recon_server.dpm.unet import build_denoiser, count_parameters
-
-
-def machine() -> str:
-    cpu = cpu_model()
-    text = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
+from recon_server.machine import describe as describe_machine
 
 
 def time_steps(size: str, device: str, *, batch: int, matrix: int, steps: int, warmup: int) -> dict:
@@ -84,7 +76,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cpu_batch = dict(kv.split("=") for kv in args.cpu_batch.split(","))
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
-    print(f"machine: {machine()}  ")
+    print(f"machine: {describe_machine()}  ")
     print(f"matrix: {args.matrix}x{args.matrix}, 2 channels; step = EDM loss fwd + bwd + Adam  ")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other jobs share the CPU when > cores)\n")
     print("| size | params | device | precision | batch | s/step | images/s | peak GPU GiB |")

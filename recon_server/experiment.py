@@ -26,13 +26,10 @@ import dataclasses
 import functools
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +164,7 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate and tabulate (module docstring); returns the JSON document with ``markdown``."""
     from recon_server.dpm.checkpoint import read_card, resolve_checkpoint
     from recon_server.dpm.runs import finetune, pretrain
+    from recon_server.machine import describe as describe_machine
 
     out: Path = args.out
     runs = out / "runs"
@@ -191,8 +189,7 @@ def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
     scratch_epochs = args.scratch_epochs or args.pretrain_epochs
     doc: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"cuda {torch.cuda.is_available()}",
+        "machine": describe_machine(),
         "pretrained": str(pre_dir),
         "target_subjects": n,
         "method": args.method,

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from recon_server.dpm.edm import EDMLoss, loss_weight
 from recon_server.dpm.schedule import EMA, LRSchedule
 from recon_server.dpm.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
 from recon_server.dpm.unet import EDMDenoiser, count_parameters
+from recon_server.machine import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +90,13 @@ def hardware_description(info: DistInfo) -> dict[str, Any]:
     if info.device.type == "cuda":
         name = torch.cuda.get_device_name(info.device)
     else:
-        name = _cpu_model()
+        name = f"{cpu_model()} ({os.cpu_count()} cores)"
     return {
         "device": name,
         "device_type": info.device.type,
         "world_size": info.world_size,
         "torch": torch.__version__,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 @dataclass(frozen=True)
