@@ -366,6 +366,11 @@ def montage(images: dict[str, np.ndarray], path: Path) -> Path:
     return write_png(path, np.concatenate([top, bottom[2:]], axis=0))
 
 
+def _tuned_only(section: dict, key: str) -> dict[str, float]:
+    """The per-R table of a card section if it was tuned (placeholders are not kept)."""
+    return dict(section.get(key, {})) if section.get("tuned") else {}
+
+
 def tune_weights(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -382,7 +387,8 @@ def tune_weights(
 
     ``dps``: zeta (card ``sampler_defaults.zeta_per_acceleration``, ``tuned``); ``dps-fast`` /
     ``dps-warm``: the CG weight gamma (``sampler_defaults.dps_fast.gamma_per_acceleration``...).
-    With ``write`` the best weight per R replaces the card's table (only the tuned R are listed)
+    With ``write`` the best weight per R goes into the card's table (R tuned by an earlier sweep and
+    not in this one keep theirs; untuned placeholders are dropped)
     via :func:`recon_server.dpm.checkpoint.update_card_sampler_defaults`.
     """
     from recon_server.dpm.checkpoint import read_card, update_card_sampler_defaults
@@ -425,15 +431,15 @@ def tune_weights(
     }
     if write:
         defaults = dict(read_card(model_dir).sampler_defaults)
+        # Accelerations tuned earlier and not in this sweep keep their weight (and their grid).
+        old = dict(defaults if section is None else defaults.get(section, {}))
+        table = {**_tuned_only(old, key), **best}
+        merged = {**dict(old.get("tuning", {}).get("grid", {})), **grid} if old.get("tuned") else grid
+        tuning = {**tuning, "grid": merged}
         if section is None:
-            defaults.update({key: best, "tuned": True, "tuning": tuning})
+            defaults.update({key: table, "tuned": True, "tuning": tuning})
             defaults.pop("note", None)
         else:
-            defaults[section] = {
-                **dict(defaults.get(section, {})),
-                key: best,
-                "tuned": True,
-                "tuning": tuning,
-            }
+            defaults[section] = {**old, key: table, "tuned": True, "tuning": tuning}
         update_card_sampler_defaults(model_dir, defaults)
     return {"best": best, **tuning, "written": write}

@@ -110,6 +110,13 @@ def test_tune_zeta_writes_the_best_weight_into_the_card(
     spec, tuned = methods.METHODS["dps-fast"].spec(card, 4.0)  # type: ignore[attr-defined]
     assert tuned and spec.gamma == section["gamma_per_acceleration"]["4"]
     assert card.sampler_defaults["tuned"] is False  # the faithful DPS entries are untouched
+    # A later sweep at another R adds to the table: R=4 keeps its weight and its grid.
+    args = ["tune-zeta", "--model", str(model), "--data", str(flair_eval), "--zetas", "0.5"]
+    args += ["--method", "dps-fast", "--subjects", "1", "--slices", "1", "--set", "dps-fast.steps=2"]
+    assert main([*args, "--accel", "2"]) == 0
+    again = read_card(model).sampler_defaults["dps_fast"]
+    assert again["gamma_per_acceleration"] == {**section["gamma_per_acceleration"], "2": 0.5}
+    assert set(again["tuning"]["grid"]) == {"2", "4"}
 
 
 def test_evaluate_refuses_bad_input(tmp_path: Path) -> None:

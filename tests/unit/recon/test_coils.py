@@ -7,7 +7,7 @@ import pytest
 import sigpy.mri.app as app
 import torch
 
-from recon_server.recon.coils import calibration_region, espirit_maps, inati_maps
+from recon_server.recon.coils import auto_kernel_size, calibration_region, espirit_maps, inati_maps
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
@@ -104,10 +104,17 @@ def test_inati_maps_agree_with_truth(acs_case) -> None:
     assert float(agree.mean()) >= 0.97
 
 
+def test_kernel_shrinks_with_few_calibration_rows() -> None:
+    # 6 by default; fewer rows (fastMRI's 4% centre at R >= 5: 10 of 256) get a smaller kernel.
+    assert [auto_kernel_size(r) for r in (24, 20, 13, 12, 10, 8, 4)] == [6, 6, 6, 5, 4, 3, 3]
+
+
 def test_bad_calibration() -> None:
     good = torch.randn(1, 4, 12, 12, dtype=torch.complex64)
     with pytest.raises(ValueError, match="smaller than the ESPIRiT kernel"):
-        espirit_maps(good[..., :4, :], (32, 32))
+        espirit_maps(good[..., :2, :], (32, 32))  # even the smallest automatic kernel (3) is too big
+    with pytest.raises(ValueError, match="smaller than the ESPIRiT kernel"):
+        espirit_maps(good[..., :4, :], (32, 32), kernel_size=6)
     with pytest.raises(ValueError, match="larger than the image"):
         espirit_maps(good, (8, 32))
     bad = good.clone()
