@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon_server.dpm.unet import EDMDenoiser, Labels, normalise_contrast
+from recon_server.dpm.unet import EDMDenoiser, Labels, labels_onehot, normalise_contrast, slot_index
 
 log = logging.getLogger(__name__)
 
@@ -245,31 +245,11 @@ class OnnxDenoiser:
         return self._slots
 
     def contrast_index(self, name: str) -> int:
-        key = normalise_contrast(name)
-        if key not in self._slots:
-            raise ValueError(
-                f"contrast {name!r} is not a slot of this model; its slots are {list(self._slots)}"
-            )
-        return self._slots.index(key)
+        return slot_index(self._slots, name)
 
     def onehot(self, labels: Labels, batch: int) -> torch.Tensor:
         """Labels in any form :class:`EDMDenoiser` accepts -> float32 (B, slots) on the CPU."""
-        n = len(self._slots)
-        if isinstance(labels, torch.Tensor) and labels.is_floating_point():
-            if labels.shape != (batch, n):
-                raise ValueError(f"one-hot labels must be ({batch}, {n}), got {tuple(labels.shape)}")
-            return labels.detach().to("cpu", torch.float32)
-        if isinstance(labels, str | int):
-            labels = [labels] * batch
-        if isinstance(labels, torch.Tensor):
-            idx = labels.detach().to("cpu", torch.long).reshape(-1)
-        else:
-            idx = torch.tensor([self.contrast_index(v) if isinstance(v, str) else int(v) for v in labels])
-        if idx.numel() != batch:
-            raise ValueError(f"{idx.numel()} labels for a batch of {batch}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"slot index out of range 0..{n - 1}: {idx.tolist()}")
-        return F.one_hot(idx, n).to(torch.float32)
+        return labels_onehot(self._slots, labels, batch).detach()
 
     def _pads(self, h: int, w: int) -> tuple[int, int, int, int]:
         m = self.size_multiple

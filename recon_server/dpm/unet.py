@@ -312,35 +312,11 @@ class EDMDenoiser(nn.Module):
 
     def contrast_index(self, name: str) -> int:
         """Slot index of a contrast; ValueError naming the available slots if absent."""
-        key = normalise_contrast(name)
-        if key not in self._slots:
-            raise ValueError(
-                f"contrast {name!r} is not a slot of this model; its slots are {list(self._slots)}"
-            )
-        return self._slots.index(key)
+        return slot_index(self._slots, name)
 
     def onehot(self, labels: Labels, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Labels in any accepted form -> float32 (B, num_slots)."""
-        n = self.config.num_slots
-        if isinstance(labels, torch.Tensor) and labels.is_floating_point():
-            if labels.shape != (batch, n):
-                raise ValueError(f"one-hot labels must be ({batch}, {n}), got {tuple(labels.shape)}")
-            return labels.to(device=device, dtype=torch.float32)
-        if isinstance(labels, str | int):
-            labels = [labels] * batch
-        if isinstance(labels, torch.Tensor):
-            idx = labels.to(device=device, dtype=torch.long).reshape(-1)
-        else:
-            idx = torch.tensor(
-                [self.contrast_index(v) if isinstance(v, str) else int(v) for v in labels],
-                dtype=torch.long,
-                device=device,
-            )
-        if idx.numel() != batch:
-            raise ValueError(f"{idx.numel()} labels for a batch of {batch}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"slot index out of range 0..{n - 1}: {idx.tolist()}")
-        return F.one_hot(idx, n).to(torch.float32)
+        return labels_onehot(self._slots, labels, batch, device)
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, labels: Labels) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
@@ -401,6 +377,43 @@ class EDMDenoiser(nn.Module):
         self.net.config = dataclasses.replace(self.net.config, num_slots=new.in_features)
         self._slots.append(key)
         return len(self._slots) - 1
+
+
+def slot_index(slots: Sequence[str], name: str) -> int:
+    """Index of contrast ``name`` among ``slots``; ValueError naming the available slots if absent."""
+    key = normalise_contrast(name)
+    if key not in slots:
+        raise ValueError(f"contrast {name!r} is not a slot of this model; its slots are {list(slots)}")
+    return list(slots).index(key)
+
+
+def labels_onehot(
+    slots: Sequence[str], labels: Labels, batch: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Contrast labels (names, slot indices, an index tensor or one-hot rows) -> float32 (B, slots).
+
+    Shared by :class:`EDMDenoiser` and the ONNX Runtime denoiser, so both accept the same forms.
+    """
+    n = len(slots)
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+        if labels.shape != (batch, n):
+            raise ValueError(f"one-hot labels must be ({batch}, {n}), got {tuple(labels.shape)}")
+        return labels.to(device=device, dtype=torch.float32)
+    if isinstance(labels, str | int):
+        labels = [labels] * batch
+    if isinstance(labels, torch.Tensor):
+        idx = labels.to(device=device, dtype=torch.long).reshape(-1)
+    else:
+        idx = torch.tensor(
+            [slot_index(slots, v) if isinstance(v, str) else int(v) for v in labels],
+            dtype=torch.long,
+            device=device,
+        )
+    if idx.numel() != batch:
+        raise ValueError(f"{idx.numel()} labels for a batch of {batch}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"slot index out of range 0..{n - 1}: {idx.tolist()}")
+    return F.one_hot(idx, n).to(torch.float32)
 
 
 def normalise_contrast(name: str) -> str:
