@@ -169,20 +169,19 @@ def _restrict(x0: Tensor, support: Tensor | None) -> Tensor:
     return x0 * (keep[:, None] if x0.ndim == 4 else keep)
 
 
-def _check_support(support: Tensor | None, y: Tensor, forward_op: ForwardModel) -> None:
-    if support is None:
-        return
-    b, h, w = forward_op.adjoint(y).shape
-    if tuple(support.shape) != (b, h, w):
-        raise ValueError(f"support must be (B, H, W) = {(b, h, w)}, got {tuple(support.shape)}")
-
-
 def _start(
-    y: Tensor, forward_op: ForwardModel, init: Tensor | None, sigma0: float, generator: Generators
+    y: Tensor,
+    forward_op: ForwardModel,
+    init: Tensor | None,
+    sigma0: float,
+    generator: Generators,
+    support: Tensor | None,
 ) -> Tensor:
-    """``x_0 = init + s_0 n`` in channel form (``init`` = 0 for a cold start)."""
+    """``x_0 = init + s_0 n`` in channel form (``init`` = 0 for a cold start); checks ``support``."""
     ref = forward_op.adjoint(y)
     b, h, w = ref.shape
+    if support is not None and tuple(support.shape) != (b, h, w):
+        raise ValueError(f"support must be (B, H, W) = {(b, h, w)}, got {tuple(support.shape)}")
     noise = randn((b, 2, h, w), generator, y.device)
     base = to_channels(init) if init is not None else torch.zeros_like(noise)
     return base + sigma0 * noise
@@ -260,13 +259,12 @@ def dps_sample(
     Returns a :class:`SampleResult`.
     """
     _check(y, steps, init)
-    _check_support(support, y, forward_op)
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     if zeta < 0 or guard <= 0:
         raise ValueError(f"need zeta >= 0 and guard > 0, got zeta={zeta}, guard={guard}")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    x = _start(y, forward_op, init, float(sigmas[0]), generator)
+    x = _start(y, forward_op, init, float(sigmas[0]), generator, support)
     nfe = 0
     for i in range(steps):
         x, x0, rn, n = dps_step(
@@ -327,12 +325,11 @@ def dds_sample(
     ``callback(i, z, ||A z - y|| / ||y||)`` after each step. No gradient through the network.
     """
     _check(y, steps, init)
-    _check_support(support, y, forward_op)
     if gamma <= 0 or cg_iters < 0 or not 0.0 <= eta <= 1.0:
         raise ValueError(f"need gamma > 0, cg_iters >= 0, 0 <= eta <= 1; got {gamma}, {cg_iters}, {eta}")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     with torch.no_grad():
-        x = _start(y, forward_op, init, float(sigmas[0]), generator)
+        x = _start(y, forward_op, init, float(sigmas[0]), generator, support)
         aty = forward_op.adjoint(y)
         b = x.shape[0]
         z = to_complex(x)
