@@ -5,7 +5,7 @@ Everything is tiny (64x64 .. 96x96, 4-8 coils) so the whole folder runs in well 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,3 +160,12 @@ def check_adjoint(
 def adjoint_check() -> Callable[..., None]:
     """The reusable adjoint-test helper :func:`check_adjoint`."""
     return check_adjoint
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test, restored afterwards (``pytestmark = usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
