@@ -37,7 +37,8 @@ class KSpaceScan:
     mask:        bool ``(ky, kx)``, True where k-space was acquired (same for every slice).
     acs:         ``(start, stop)`` phase-encode rows of the fully sampled calibration region.
     calibration: complex64 ``(slices, coils, acs_rows, kx)`` calibration data; for
-                 separate-reference scans it differs from ``kspace[..., start:stop, :]``.
+                 separate-reference scans it differs from ``kspace[..., start:stop, :]``,
+                 otherwise it may be a view of ``kspace`` (treat both as read-only).
     noise:       complex64 ``(coils, samples)`` noise-scan samples, or None.
     geometry:    one :class:`SliceGeometry` per slice, in slice order.
     contrast:    contrast label (``T1``, ``T2``, ``T1POST``, ``FLAIR``...) or ``""`` if unknown.

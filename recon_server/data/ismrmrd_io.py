@@ -18,6 +18,7 @@ image group), so ``ismrmrd.Dataset.read_image`` reads them back.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,32 @@ class RawScan:
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+def field_reader(dtype: np.dtype, names: Sequence[str]) -> struct.Struct:
+    """A ``struct.Struct`` whose ``unpack_from(record_bytes)`` gives the named scalar fields.
+
+    Names may be dotted for nested fields (``"idx.slice"``). Per streamed readout this is a
+    fraction of a microsecond; reading the same fields off a numpy record costs ~0.5 us each.
+    """
+    codes = {"u1": "B", "u2": "H", "u4": "I", "u8": "Q", "i1": "b", "i2": "h", "i4": "i", "i8": "q"}
+    codes |= {"f4": "f", "f8": "d"}
+    located = []
+    for name in names:
+        sub, offset = dtype, 0
+        for part in name.split("."):
+            sub, at = sub.fields[part][:2]
+            offset += at
+        if sub.shape or sub.str[1:] not in codes:
+            raise ValueError(f"{name} is not a scalar number field")
+        located.append((offset, codes[sub.str[1:]], sub.itemsize))
+    if sorted(located) != located:
+        raise ValueError("field names must be in the order of the record")
+    fmt, pos = "<", 0
+    for offset, code, size in located:
+        fmt += f"{offset - pos}x{code}" if offset > pos else code
+        pos = offset + size
+    return struct.Struct(fmt)
 
 
 def new_acquisition_headers(n: int) -> np.ndarray:

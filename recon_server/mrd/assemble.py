@@ -32,6 +32,7 @@ import ismrmrd
 import numpy as np
 from ismrmrd import xsd
 
+from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, field_reader
 from recon_server.data.masks import acceleration_of, acs_region, mask_2d
 from recon_server.mrd import wire
 from recon_server.mrd.oversampling import StreamingCropper
@@ -56,6 +57,11 @@ IGNORED = (
     | _bit(ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA)
     | _bit(ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE)
     | _bit(ismrmrd.ACQ_IS_PHASE_STABILIZATION)
+)
+#: The header fields every readout needs, read in one call (numpy record fields are slow).
+LINE_FIELDS = field_reader(
+    ACQUISITION_HEADER_DTYPE,
+    ["flags", "center_sample", "idx.kspace_encode_step_1", "idx.slice", "idx.contrast", "idx.repetition"],
 )
 KNOWN_CONTRASTS = ("FLAIR", "T1POST", "T1", "T2", "PD", "DWI")
 
@@ -202,13 +208,14 @@ class Assembler:
         self.add_line(acq.head, acq.data)
 
     def add_line(self, head: np.void | np.ndarray, data: np.ndarray) -> None:
-        flags = int(head["flags"])
+        flags, centre, ky, sl, contrast, repetition = LINE_FIELDS.unpack_from(head.tobytes())
         if flags & IGNORED:
             return
         channels, samples = data.shape
-        what = f"readout {self.n_lines}"
+        line = self.n_lines
         self.n_lines += 1
-        self._check_channels(channels, what)
+        if channels != self.channels:
+            self._check_channels(channels, f"readout {line}")
         if flags & NOISE:
             self.noise.append(np.asarray(data, dtype=np.complex64))
             return
@@ -218,23 +225,23 @@ class Assembler:
             self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
             if self.nx > self.recon_nx:
                 self.cropper = StreamingCropper(channels, self.nx, self.recon_nx, self._place_batch)
-        idx = head["idx"]
-        key = (int(idx["contrast"]), int(idx["repetition"]))
+        key = (contrast, repetition)
         store = self.stores.get(key)
         if store is None:
             store = self._new_store()
             self.stores[key] = store
-        ky = int(idx["kspace_encode_step_1"]) + self.ky_offset
+        ky += self.ky_offset
         if not 0 <= ky < self.ny:
-            raise ValueError(f"{what}: phase-encode line {ky} outside the encoded matrix of {self.ny} lines")
-        sl = int(idx["slice"])
+            raise ValueError(
+                f"readout {line}: phase-encode line {ky} outside the encoded matrix of {self.ny} lines"
+            )
         if sl >= store.kspace.shape[0]:
             store = self._grow(key, store, sl + 1)
         nx = self.nx
-        x0 = nx // 2 - int(head["center_sample"]) if int(head["center_sample"]) else (nx - samples) // 2
+        x0 = nx // 2 - centre if centre else (nx - samples) // 2
         if x0 < 0 or x0 + samples > nx:
             raise ValueError(
-                f"{what}: {samples} samples with centre {int(head['center_sample'])} do not fit a "
+                f"readout {line}: {samples} samples with centre {centre} do not fit a "
                 f"readout of {nx} (encodedSpace x {self.enc_nx}, reconSpace x {self.recon_nx})"
             )
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
@@ -259,6 +266,13 @@ class Assembler:
 
     def _place_batch(self, targets: list[_Target], lines: np.ndarray) -> None:
         """Put cropped lines (n, coils, recon nx) in their stores."""
+        first = targets[0]
+        if all(t.key == first.key and t.calib_only == first.calib_only for t in targets):
+            store = self.stores[first.key]
+            dest = store.calib_only if first.calib_only else store.kspace
+            assert dest is not None
+            dest[[t.slice for t in targets], :, [t.row for t in targets], :] = lines
+            return
         groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
         for i, t in enumerate(targets):
             groups.setdefault((t.key, t.calib_only), []).append(i)
@@ -342,11 +356,15 @@ class Assembler:
             acs = acs_region(store.calibration_rows | (store.imaging & (calib_only is None)), min_lines=2)
         else:
             acs = acs_region(store.imaging, min_lines=4)
-        calibration = kspace[:, :, acs[0] : acs[1], :].copy()
+        # A view of k-space unless separate calibration lines must be merged in (a fully sampled
+        # scan would otherwise copy all of it).
+        calibration = kspace[:, :, acs[0] : acs[1], :]
         if calib_only is not None:
             rows = np.arange(acs[0], acs[1])
             only = store.calibration_rows[rows] & ~store.imaging[rows]
-            calibration[:, :, only, :] = calib_only[:, :, rows[only], :]
+            if only.any():
+                calibration = calibration.copy()
+                calibration[:, :, only, :] = calib_only[:, :, rows[only], :]
         geometry = []
         for sl in slices:
             g = store.geometry.get(sl, np.zeros(12, dtype=np.float32))

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 from ismrmrd.hdf5 import waveform_header_dtype
 
-from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE
+from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE, field_reader
 
 # Message ids.
 CONFIG_FILE = 1
@@ -74,6 +74,9 @@ WAVEFORM_HEADER_DTYPE = np.dtype(waveform_header_dtype)  # 40 bytes, C alignment
 ACQ_HEADER_SIZE = ACQUISITION_HEADER_DTYPE.itemsize  # 340
 IMAGE_HEADER_SIZE = IMAGE_HEADER_DTYPE.itemsize  # 198
 WAVEFORM_HEADER_SIZE = WAVEFORM_HEADER_DTYPE.itemsize  # 40
+ACQ_SIZES = field_reader(
+    ACQUISITION_HEADER_DTYPE, ["number_of_samples", "active_channels", "trajectory_dimensions"]
+)
 
 
 class _SamplingLimit(ctypes.Structure):
@@ -314,12 +317,9 @@ class WireReader:
         return ConfigFile(raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace"))
 
     def _acquisition(self) -> Acquisition:
-        head = np.frombuffer(self._bytes(ACQ_HEADER_SIZE, "acquisition header"), ACQUISITION_HEADER_DTYPE)[0]
-        ns, ch, td = (
-            int(head["number_of_samples"]),
-            int(head["active_channels"]),
-            int(head["trajectory_dimensions"]),
-        )
+        raw = self._bytes(ACQ_HEADER_SIZE, "acquisition header")
+        ns, ch, td = ACQ_SIZES.unpack_from(raw)
+        head = np.frombuffer(raw, ACQUISITION_HEADER_DTYPE)[0]
         lim = self.limits
         if ch > lim.max_channels:
             raise ProtocolError(f"acquisition has {ch} active channels, limit is {lim.max_channels}")

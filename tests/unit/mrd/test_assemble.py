@@ -132,7 +132,7 @@ def test_readout_oversampling_removal_keeps_the_central_fov() -> None:
     np.testing.assert_allclose(np.abs(back), np.abs(x[32:96]), atol=1e-5)
 
 
-@pytest.mark.parametrize(("full", "nx"), [(128, 64), (96, 70), (129, 64), (128, 65)])
+@pytest.mark.parametrize(("full", "nx"), [(128, 64), (132, 66), (96, 70), (129, 64), (128, 65)])
 def test_readout_oversampling_removal_equals_the_shifted_definition(full: int, nx: int) -> None:
     # The shift-free even path must equal fftc(crop(ifftc(k))) written out with every shift.
     rng = np.random.default_rng(full + nx)
@@ -146,15 +146,18 @@ def test_readout_oversampling_removal_equals_the_shifted_definition(full: int, n
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_streaming_cropper_matches_the_bulk_crop_across_batches() -> None:
-    # 10 lines through batches of 3 (three placed while streaming, one flushed), one of them a
-    # partial readout (asymmetric echo) placed off-centre in its row.
+@pytest.mark.parametrize("nx", [16, 12])  # the 2x path (even/odd staging) and the general one
+def test_streaming_cropper_matches_the_bulk_crop_across_batches(nx: int) -> None:
+    # 10 lines through batches of 3 (three placed while streaming, one flushed), two of them
+    # partial readouts (asymmetric echo) placed off-centre in their rows, at an even and an odd
+    # column (the 2x path stages even and odd samples apart).
     rng = np.random.default_rng(3)
-    full, nx, coils = 32, 16, 2
+    full, coils = 32, 2
     rows = (rng.standard_normal((10, coils, full)) + 1j * rng.standard_normal((10, coils, full))).astype(
         np.complex64
     )
     rows[4, :, :8] = 0
+    rows[7, :, :5] = 0
     got: dict[int, np.ndarray] = {}
 
     def place(targets: list[int], lines: np.ndarray) -> None:
@@ -162,7 +165,8 @@ def test_streaming_cropper_matches_the_bulk_crop_across_batches() -> None:
 
     cropper: StreamingCropper[int] = StreamingCropper(coils, full, nx, place, batch=3)
     for i, row in enumerate(rows):
-        data, x0 = (row[:, 8:], 8) if i == 4 else (row, 0)
+        x0 = {4: 8, 7: 5}.get(i, 0)
+        data = row[:, x0:]
         cropper.add(i, data, x0)
     assert sorted(got) == list(range(9))  # three full batches placed while streaming
     cropper.flush()
