@@ -79,6 +79,8 @@ def field_reader(dtype: np.dtype, names: Sequence[str]) -> struct.Struct:
     for name in names:
         sub, offset = dtype, 0
         for part in name.split("."):
+            if sub.fields is None or part not in sub.fields:
+                raise ValueError(f"{name}: no field {part!r} in {sub}")
             sub, at = sub.fields[part][:2]
             offset += at
         if sub.shape or sub.str[1:] not in codes:

@@ -113,3 +113,24 @@ def test_images_roundtrip_through_ismrmrd_reader(tmp_path: Path) -> None:
         assert img.data.shape == (1, 1, 6, 5)
         assert np.all(img.data == s)
         assert ismrmrd.Meta.deserialize(img.attribute_string)["SeriesDescription"] == f"slice {s}"
+
+
+def test_field_reader_reads_nested_fields_like_numpy() -> None:
+    heads = ismrmrd_io.new_acquisition_headers(1)
+    heads["flags"] = (1 << 40) | 3
+    heads["center_sample"] = 77
+    heads["idx"]["kspace_encode_step_1"] = 65535
+    heads["idx"]["slice"] = 9
+    heads["sample_time_us"] = 2.5
+    names = ["flags", "center_sample", "sample_time_us", "idx.kspace_encode_step_1", "idx.slice"]
+    fields = ismrmrd_io.field_reader(ismrmrd_io.ACQUISITION_HEADER_DTYPE, names)
+    assert fields.unpack_from(heads[0].tobytes()) == ((1 << 40) | 3, 77, 2.5, 65535, 9)
+
+
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [(["position"], "scalar"), (["idx.slice", "flags"], "order"), (["idx.nope"], "no field")],
+)
+def test_field_reader_refuses_arrays_unknown_names_and_disorder(names: list[str], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        ismrmrd_io.field_reader(ismrmrd_io.ACQUISITION_HEADER_DTYPE, names)
