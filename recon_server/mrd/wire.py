@@ -74,6 +74,7 @@ WAVEFORM_HEADER_DTYPE = np.dtype(waveform_header_dtype)  # 40 bytes, C alignment
 ACQ_HEADER_SIZE = ACQUISITION_HEADER_DTYPE.itemsize  # 340
 IMAGE_HEADER_SIZE = IMAGE_HEADER_DTYPE.itemsize  # 198
 WAVEFORM_HEADER_SIZE = WAVEFORM_HEADER_DTYPE.itemsize  # 40
+FLOAT32, COMPLEX64 = np.dtype("<f4"), np.dtype("<c8")
 ACQ_SIZES = field_reader(
     ACQUISITION_HEADER_DTYPE, ["number_of_samples", "active_channels", "trajectory_dimensions"]
 )
@@ -253,7 +254,13 @@ class WireReader:
         }
 
     def _fill(self, view: memoryview, what: str) -> None:
-        got, total = 0, len(view)
+        total = len(view)
+        got = self.stream.readinto(view) or 0  # one call when the bytes are there (the usual case)
+        if got == total:
+            self.bytes_read += total
+            return
+        if not got:
+            raise ProtocolError(f"stream ended inside {what}: got 0 of {total} bytes")
         while got < total:
             n = self.stream.readinto(view[got:])
             if not n:
@@ -266,9 +273,9 @@ class WireReader:
         self._fill(memoryview(buf), what)
         return buf
 
-    def _array(self, count: int, dtype: np.dtype, what: str) -> np.ndarray:
-        out = np.empty(count, dtype=dtype)
-        if count:
+    def _array(self, shape: int | tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        if out.size:
             self._fill(out.data.cast("B"), what)
         return out
 
@@ -329,8 +336,8 @@ class WireReader:
             raise ProtocolError(
                 f"acquisition has {td} trajectory dimensions, limit is {lim.max_trajectory_dimensions}"
             )
-        traj = self._array(ns * td, np.dtype("<f4"), "acquisition trajectory").reshape(ns, td)
-        data = self._array(ch * ns, np.dtype("<c8"), "acquisition data").reshape(ch, ns)
+        traj = self._array((ns, td), FLOAT32, "acquisition trajectory")
+        data = self._array((ch, ns), COMPLEX64, "acquisition data")
         return Acquisition(head, data, traj)
 
     def _image(self) -> Image:
