@@ -35,6 +35,7 @@ from ismrmrd import xsd
 from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, field_reader
 from recon_server.data.masks import acceleration_of, acs_region, mask_2d
 from recon_server.mrd import wire
+from recon_server.mrd.buffers import POOL
 from recon_server.mrd.oversampling import StreamingCropper
 from recon_server.scan import KSpaceScan, SliceGeometry
 
@@ -224,7 +225,7 @@ class Assembler:
             # width and crop them to the recon width as they stream in.
             self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
             if self.nx > self.recon_nx:
-                self.cropper = StreamingCropper(channels, self.nx, self.recon_nx, self._place_batch)
+                self.cropper = StreamingCropper(channels, self.nx, self.recon_nx)
         key = (contrast, repetition)
         store = self.stores.get(key)
         if store is None:
@@ -247,9 +248,11 @@ class Assembler:
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
         calib_only = bool(flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING)
         if calib_only and store.calib_only is None:
-            store.calib_only = np.zeros_like(store.kspace)
+            store.calib_only = POOL.zeros(store.kspace.shape)
         if self.cropper is not None:
-            self.cropper.add(_Target(key, sl, ky, calib_only), data, x0)
+            cropped = self.cropper.add(_Target(key, sl, ky, calib_only), data, x0)
+            if cropped is not None:
+                self._place_batch(*cropped)
         else:
             dest = store.calib_only if calib_only else store.kspace
             assert dest is not None
@@ -288,7 +291,7 @@ class Assembler:
         assert self.channels is not None and self.nx is not None
         shape = (self.n_slices, self.channels, self.ny, self.recon_nx)
         return _Store(
-            kspace=np.zeros(shape, dtype=np.complex64),
+            kspace=POOL.zeros(shape),  # reused across scans: fresh memory faults page by page
             imaging=np.zeros(self.ny, dtype=bool),
             calibration_rows=np.zeros(self.ny, dtype=bool),
         )
@@ -337,8 +340,9 @@ class Assembler:
         """Return one scan per (contrast, repetition), in that order."""
         if not self.stores or not any(s.imaging.any() for s in self.stores.values()):
             raise ValueError("the stream holds no imaging readouts")
-        if self.cropper is not None:
-            self.cropper.flush()
+        cropped = self.cropper.flush() if self.cropper is not None else None
+        if cropped is not None:
+            self._place_batch(*cropped)
         noise = np.concatenate(self.noise, axis=1) if self.noise else None
         return [self._finish_one(key, store, noise) for key, store in sorted(self.stores.items())]
 

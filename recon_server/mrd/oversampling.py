@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import numpy as np
 import scipy.fft as sfft
-import torch
+
+from recon_server.mrd.buffers import POOL
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ def remove_readout_oversampling(kspace: np.ndarray, nx: int, *, workers: int = -
         return np.asarray(out, dtype=np.complex64)
     if full == 2 * nx:
         k = np.asarray(kspace, dtype=np.complex64)
-        return _halve_readout(k[..., ::2], k[..., 1::2])
+        return _halve_readout(k[..., ::2], k[..., 1::2], workers=workers)
     img = sfft.ifft(kspace, axis=-1, norm="ortho", workers=workers)
     half = nx // 2
     cropped = np.concatenate([img[..., :half], img[..., full - half :]], axis=-1)
@@ -57,9 +57,9 @@ def remove_readout_oversampling(kspace: np.ndarray, nx: int, *, workers: int = -
 
 
 def _halve_readout(
-    even: np.ndarray, odd: np.ndarray, buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    even: np.ndarray, odd: np.ndarray, *, in_place: bool = False, workers: int = 1
 ) -> np.ndarray:
-    """The shift-free crop for the usual 2x oversampling from the even and odd samples (complex64).
+    """The shift-free crop for the usual 2x oversampling from the even and odd samples.
 
     Splitting the ``2 nx``-point inverse transform into even and odd samples, the kept image
     points m in [-nx/2, nx/2) are ``E[m] + w^m O[m]`` (``E``, ``O``: the ``nx``-point inverse
@@ -68,35 +68,37 @@ def _halve_readout(
     ``out = (k_even + fft(w^m ifft(k_odd))) / sqrt(2)``. Two ``nx``-point transforms instead of
     one of ``2 nx`` and one of ``nx``: a third less work, and no copy for the crop.
 
-    torch's (MKL) transforms are faster than scipy's here and write into ``buffers`` (two
-    complex64 tensors of the output's shape; the result is a view of the second): a streaming
-    caller reuses them instead of asking for fresh memory every batch.
+    ``in_place``: ``even`` and ``odd`` are contiguous complex64 scratch (a streaming caller's
+    staging buffers): the result is computed in ``odd`` without asking for fresh memory.
     """
     nx = even.shape[-1]
-    delayed, out = buffers if buffers is not None else (torch.empty(even.shape, dtype=torch.complex64), None)
+    if not in_place:
+        even, odd = np.array(even, dtype=np.complex64), np.array(odd, dtype=np.complex64)
     # Unscaled inverse transform: its 1/nx is folded into the delay factors (one pass less).
-    torch.fft.ifft(torch.from_numpy(odd), dim=-1, norm="forward", out=delayed)
-    delayed.mul_(_half_sample_delay(nx))
-    out = torch.fft.fft(delayed, dim=-1, out=out)
-    out.add_(torch.from_numpy(even), alpha=math.sqrt(0.5))
-    return out.numpy()
+    # overwrite_x on contiguous complex64 input: scipy transforms in place.
+    out = sfft.ifft(odd, axis=-1, norm="forward", workers=workers, overwrite_x=True)
+    out *= _half_sample_delay(nx)
+    out = sfft.fft(out, axis=-1, workers=workers, overwrite_x=True)
+    even *= np.float32(math.sqrt(0.5))
+    out += even
+    return out
 
 
 @functools.cache
-def _half_sample_delay(nx: int) -> torch.Tensor:
+def _half_sample_delay(nx: int) -> np.ndarray:
     """``w^m / (sqrt(2) nx)`` for the image points m in FFT order (0..nx/2-1, then -nx/2..-1)."""
     m = np.fft.fftfreq(nx, 1 / nx)  # even nx: the Nyquist point is -nx/2, as in the crop
-    return torch.from_numpy((np.exp(1j * np.pi * m / nx) * np.sqrt(0.5) / nx).astype(np.complex64))
+    return (np.exp(1j * np.pi * m / nx) * np.sqrt(0.5) / nx).astype(np.complex64)
 
 
 class StreamingCropper(Generic[T]):
-    """Stages oversampled lines; each full batch is cropped and handed to ``place`` in one call.
+    """Stages oversampled lines and crops them a batch at a time.
 
-    ``add(target, data, x0)`` places ``data`` (coils, samples) at column ``x0`` of a full-width
-    staging row; when ``batch`` rows are staged they are transformed together and passed to
-    ``place(targets, lines)`` with ``lines`` of shape (n, coils, nx), valid until the next batch.
-    ``flush()`` does the same for the partial batch at the end of the scan. ``target`` is whatever
-    ``place`` needs to put a line where it belongs. (A helper thread for the transforms was tried
+    ``add(target, data, x0)`` stages ``data`` (coils, samples) at column ``x0`` of a full-width
+    row; when ``batch`` rows are staged they are transformed together and ``add`` returns
+    ``(targets, lines)`` with ``lines`` of shape (n, coils, nx), valid until the next batch (else
+    None). ``flush()`` does the same for the partial batch at the end of the scan. ``target`` is
+    whatever the caller needs to put a line where it belongs. (A helper thread for the transforms was tried
     twice: on two cores, with the sender on one of them, it gained nothing measurable.)
     """
 
@@ -105,26 +107,22 @@ class StreamingCropper(Generic[T]):
         channels: int,
         full_nx: int,
         nx: int,
-        place: Callable[[list[T], np.ndarray], None],
         *,
         batch: int = 64,
     ) -> None:
         if not 0 < nx < full_nx:
             raise ValueError(f"cannot crop a readout of {full_nx} to {nx}")
         self.nx = nx
-        self._place = place
         # The usual 2x case stages even and odd samples apart (staging (2, batch, coils, nx)), so
-        # its transforms read contiguous memory, and works in two reused buffers (fresh memory
-        # costs a page fault per page).
+        # its transforms read contiguous memory and work in place there.
         self._halving = full_nx == 2 * nx and nx % 2 == 0
         self._batch = batch
         shape = (2, batch, channels, nx) if self._halving else (batch, channels, full_nx)
-        self._staging = np.zeros(shape, np.complex64)
+        self._staging = POOL.zeros(shape)
         self._targets: list[T] = []
-        self._work = tuple(torch.zeros((batch, channels, nx), dtype=torch.complex64) for _ in range(2))
 
-    def add(self, target: T, data: np.ndarray, x0: int) -> None:
-        """Stage one line; a full batch is transformed and placed at once."""
+    def add(self, target: T, data: np.ndarray, x0: int) -> tuple[list[T], np.ndarray] | None:
+        """Stage one line; return the cropped batch when this line completed one."""
         i, samples = len(self._targets), data.shape[-1]
         if not self._halving:
             row = self._staging[i]
@@ -139,18 +137,15 @@ class StreamingCropper(Generic[T]):
             self._staging[first, i, :, x0 // 2 : x0 // 2 + (samples + 1) // 2] = data[:, 0::2]
             self._staging[second, i, :, (x0 + 1) // 2 : (x0 + 1) // 2 + samples // 2] = data[:, 1::2]
         self._targets.append(target)
-        if len(self._targets) == self._batch:
-            self.flush()
+        return self.flush() if len(self._targets) == self._batch else None
 
-    def flush(self) -> None:
-        """Transform and place every staged line."""
-        n = len(self._targets)
+    def flush(self) -> tuple[list[T], np.ndarray] | None:
+        """Crop every staged line: ``(targets, lines)``, or None when nothing is staged."""
+        targets, n = self._targets, len(self._targets)
         if not n:
-            return
+            return None
+        self._targets = []
         if self._halving:
             even, odd = self._staging[:, :n]
-            lines = _halve_readout(even, odd, (self._work[0][:n], self._work[1][:n]))
-        else:
-            lines = remove_readout_oversampling(self._staging[:n], self.nx, workers=1)
-        self._place(self._targets, lines)
-        self._targets = []
+            return targets, _halve_readout(even, odd, in_place=True)
+        return targets, remove_readout_oversampling(self._staging[:n], self.nx, workers=1)

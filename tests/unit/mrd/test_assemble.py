@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from recon_server.data import ismrmrd_io
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler, contrast_label, parse_header
 from recon_server.mrd.oversampling import StreamingCropper, remove_readout_oversampling
+from recon_server.scan import KSpaceScan
 
 
 def _assemble(path: Path) -> list:
@@ -160,26 +162,27 @@ def test_streaming_cropper_matches_the_bulk_crop_across_batches(nx: int) -> None
     rows[7, :, :5] = 0
     got: dict[int, np.ndarray] = {}
 
-    def place(targets: list[int], lines: np.ndarray) -> None:
-        got.update(zip(targets, lines.copy(), strict=True))
+    def place(cropped: tuple[list[int], np.ndarray] | None) -> None:
+        if cropped is not None:
+            targets, lines = cropped
+            got.update(zip(targets, lines.copy(), strict=True))  # lines are reused next batch
 
-    cropper: StreamingCropper[int] = StreamingCropper(coils, full, nx, place, batch=3)
+    cropper: StreamingCropper[int] = StreamingCropper(coils, full, nx, batch=3)
     for i, row in enumerate(rows):
         x0 = {4: 8, 7: 5}.get(i, 0)
-        data = row[:, x0:]
-        cropper.add(i, data, x0)
-    assert sorted(got) == list(range(9))  # three full batches placed while streaming
-    cropper.flush()
+        place(cropper.add(i, row[:, x0:], x0))
+    assert sorted(got) == list(range(9))  # three full batches cropped while streaming
+    place(cropper.flush())
     assert sorted(got) == list(range(10))
+    assert cropper.flush() is None
     want = remove_readout_oversampling(rows, nx)
     np.testing.assert_allclose(np.stack([got[i] for i in range(10)]), want, atol=1e-5)
 
 
-def test_assembler_crops_oversampled_lines_in_batches_across_slices() -> None:
-    # More lines than five cropping batches, the last slice beyond the header's limits (the
-    # buffer grows after batches were placed): equal to the bulk crop.
-    rng = np.random.default_rng(5)
-    coils, ny, full, nx, slices = 2, 16, 32, 16, 20
+def _oversampled_stream(
+    slices: int, header_slices: int, *, coils: int = 2, ny: int = 16, full: int = 32, nx: int = 16
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(header, acquisition heads, k-space (slices, coils, ny, full)) of a 2x oversampled scan."""
     header = f"""<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
 <experimentalConditions><H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions>
 <encoding><encodedSpace><matrixSize><x>{full}</x><y>{ny}</y><z>1</z></matrixSize>
@@ -188,15 +191,45 @@ def test_assembler_crops_oversampled_lines_in_batches_across_slices() -> None:
 <fieldOfView_mm><x>240</x><y>240</y><z>5</z></fieldOfView_mm></reconSpace>
 <encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum>
 <center>{ny // 2}</center>
-</kspace_encoding_step_1><slice><minimum>0</minimum><maximum>{slices - 2}</maximum><center>0</center></slice>
+</kspace_encoding_step_1><slice><minimum>0</minimum><maximum>{header_slices - 1}</maximum>
+<center>0</center></slice>
 </encodingLimits><trajectory>cartesian</trajectory></encoding></ismrmrdHeader>"""
-    asm = Assembler(header)
+    rng = np.random.default_rng(5)
     k = (rng.standard_normal((slices, coils, ny, full)) + 0j).astype(np.complex64)
     heads = ismrmrd_io.new_acquisition_headers(ny * slices)
     heads["idx"]["kspace_encode_step_1"] = np.tile(np.arange(ny), slices)
     heads["idx"]["slice"] = np.repeat(np.arange(slices), ny)
     heads["center_sample"] = full // 2
+    return header, heads, k
+
+
+def _assemble_lines(header: str, heads: np.ndarray, k: np.ndarray) -> KSpaceScan:
+    asm = Assembler(header)
     for head in heads:
         asm.add_line(head, k[head["idx"]["slice"], :, head["idx"]["kspace_encode_step_1"]])
     (scan,) = asm.finish()
-    np.testing.assert_allclose(scan.kspace, remove_readout_oversampling(k, nx), atol=1e-5)
+    return scan
+
+
+def test_assembler_crops_oversampled_lines_in_batches_across_slices() -> None:
+    # More lines than five cropping batches, the last slice beyond the header's limits (the
+    # buffer grows after batches were placed): equal to the bulk crop.
+    header, heads, k = _oversampled_stream(slices=20, header_slices=19)
+    scan = _assemble_lines(header, heads, k)
+    np.testing.assert_allclose(scan.kspace, remove_readout_oversampling(k, 16), atol=1e-5)
+
+
+def test_the_next_scan_reuses_the_k_space_memory_of_a_dropped_one() -> None:
+    # The assembler must not keep itself alive (no reference cycle through the cropper), so a
+    # dropped scan's pooled store is free for the next scan at once, without the cyclic GC.
+    header, heads, k = _oversampled_stream(slices=3, header_slices=3)
+    gc.disable()
+    try:
+        first = _assemble_lines(header, heads, k)
+        where = first.kspace.__array_interface__["data"][0]
+        del first
+        second = _assemble_lines(header, heads, 2 * k)
+    finally:
+        gc.enable()
+    assert second.kspace.__array_interface__["data"][0] == where
+    np.testing.assert_allclose(second.kspace, remove_readout_oversampling(2 * k, 16), atol=1e-5)
