@@ -6,8 +6,9 @@ host would: the sender's own work does not compete for the receiver's interprete
 
 - recon-server: ``WireReader`` (bounded, buffered ``readinto``) alone, and with the
   ``Assembler`` (line placement + readout-oversampling removal in batches of 64 lines as they
-  arrive); "after the last line" is ``Assembler.finish`` alone (the last partial batch, the
-  calibration copy): the latency the reconstruction waits for once the scan has ended;
+  arrive); "after the last line" is ``Assembler.finish`` alone (the last partial batch): the
+  latency the reconstruction waits for once the scan has ended. Each row repeats the scan in one
+  process, as a server receives scan after scan (k-space buffers are reused from the second);
 - gadgetron-python 1.4.1: ``gadgetron.external.Connection`` iterating the items (its
   reader builds an ``ismrmrd.Acquisition`` per readout), i.e. the read side of its
   pass-through example without echoing the data back.
@@ -100,7 +101,8 @@ def run(kind: str, stream: Path, n_acqs: int, recon_x: int) -> tuple[float, floa
         count = sum(1 for _ in gt)
         assert count == n_acqs
     else:
-        reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20))
+        rfile = conn.makefile("rb", buffering=1 << 20)
+        reader = wire.WireReader(rfile)
         first = reader.read_message()
         assert isinstance(first, wire.ConfigText)
         head = reader.read_message()
@@ -117,6 +119,7 @@ def run(kind: str, stream: Path, n_acqs: int, recon_x: int) -> tuple[float, floa
             finish = time.perf_counter() - t_finish
             assert scan.kspace.shape[-1] == recon_x  # oversampling removed
         assert count == n_acqs
+        rfile.close()
     elapsed = time.perf_counter() - t0
     conn.sendall(b"x")
     conn.close()
@@ -148,10 +151,10 @@ def main() -> None:
     print(
         f"data: {n_acqs} readouts x {args.coils} coils x {args.readout} samples (2x readout oversampling) = "
         f"{nbytes / 1e6:.0f} MB of complex64 over loopback TCP; last row: the same scan with readouts "
-        f"already at the recon width {recon_x} (oversampling removed upstream); best of {args.repeats}\n"
+        f"already at the recon width {recon_x} (oversampling removed upstream); {args.repeats} runs each\n"
     )
-    print("| reader | readout | seconds | MB/s | after the last line (s) |")
-    print("|---|---|---|---|---|")
+    print("| reader | readout | best (s) | MB/s (best) | MB/s (median) | after the last line (s) |")
+    print("|---|---|---|---|---|---|")
     rows = [
         ("wire only", "oversampled"),
         ("wire + assembly", "oversampled"),
@@ -160,9 +163,12 @@ def main() -> None:
     ]
     for kind, name in rows:
         path, n_acqs, nbytes = streams[name]
-        best, finish = min(run(kind, path, n_acqs, recon_x) for _ in range(args.repeats))
+        runs = sorted(run(kind, path, n_acqs, recon_x) for _ in range(args.repeats))
+        (best, finish), median = runs[0], runs[len(runs) // 2][0]
         after = f"{finish:.3f}" if kind == "wire + assembly" else "-"
-        print(f"| {kind} | {name} | {best:.3f} | {nbytes / 1e6 / best:.0f} | {after} |")
+        mb = nbytes / 1e6
+        print(f"| {kind} | {name} | {best:.3f} | {mb / best:.0f} | {mb / median:.0f} | {after} |")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
