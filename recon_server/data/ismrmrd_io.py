@@ -85,9 +85,11 @@ def field_reader(dtype: np.dtype, names: Sequence[str]) -> struct.Struct:
             offset += at
         if sub.shape or sub.str[1:] not in codes:
             raise ValueError(f"{name} is not a scalar number field")
+        if sub.str[0] == ">":
+            raise ValueError(f"{name} is big-endian; the reader is little-endian")
         located.append((offset, codes[sub.str[1:]], sub.itemsize))
-    if sorted(located) != located:
-        raise ValueError("field names must be in the order of the record")
+    if any(b[0] < a[0] + a[2] for a, b in zip(located, located[1:], strict=False)):
+        raise ValueError("field names must be distinct and in the order of the record")
     fmt, pos = "<", 0
     for offset, code, size in located:
         fmt += f"{offset - pos}x{code}" if offset > pos else code

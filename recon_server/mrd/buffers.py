@@ -47,12 +47,10 @@ class BufferPool:
             return sum(b.nbytes for b in self._blocks)
 
     def _free_block(self, nbytes: int) -> np.ndarray | None:
-        for i in range(len(self._blocks)):  # (enumerate would hold one more reference)
-            block = self._blocks[i]
-            # Referenced by the list, this variable and getrefcount's argument only: no array
-            # or tensor made from it is alive (numpy views refer to the block itself).
-            if block.nbytes == nbytes and sys.getrefcount(block) == 3:
-                self._blocks.append(self._blocks.pop(i))  # most recently used last
+        for i in range(len(self._blocks)):
+            if self._blocks[i].nbytes == nbytes and _unused(self._blocks, i):
+                block = self._blocks.pop(i)
+                self._blocks.append(block)  # most recently used last
                 return block
         return None
 
@@ -61,12 +59,27 @@ class BufferPool:
         total = sum(b.nbytes for b in self._blocks)
         i = 0
         while total + block.nbytes > self.max_bytes and i < len(self._blocks):
-            if sys.getrefcount(self._blocks[i]) == 2:  # the list and the argument: free
+            if _unused(self._blocks, i):
                 total -= self._blocks.pop(i).nbytes
             else:
                 i += 1
         if total + block.nbytes <= self.max_bytes:
             self._blocks.append(block)
+
+
+def _refcount_at(blocks: list[np.ndarray], i: int) -> int:
+    return sys.getrefcount(blocks[i])
+
+
+# What this interpreter counts for a block held by the pool's list alone (how getrefcount counts
+# its own argument differs between Python versions, so it is measured, not assumed).
+_UNUSED_REFS = _refcount_at([np.zeros(1, np.uint8)], 0)
+
+
+def _unused(blocks: list[np.ndarray], i: int) -> bool:
+    """True when nothing but ``blocks`` refers to ``blocks[i]``: no array or tensor made from it
+    is alive (numpy views, and tensors through them, refer to the block itself)."""
+    return _refcount_at(blocks, i) == _UNUSED_REFS
 
 
 #: The process's pool (the assembler's k-space stores and staging buffers).

@@ -129,8 +129,18 @@ def test_field_reader_reads_nested_fields_like_numpy() -> None:
 
 @pytest.mark.parametrize(
     ("names", "why"),
-    [(["position"], "scalar"), (["idx.slice", "flags"], "order"), (["idx.nope"], "no field")],
+    [
+        (["position"], "scalar"),
+        (["idx.slice", "flags"], "order"),
+        (["flags", "flags"], "distinct"),
+        (["idx.nope"], "no field"),
+    ],
 )
 def test_field_reader_refuses_arrays_unknown_names_and_disorder(names: list[str], why: str) -> None:
     with pytest.raises(ValueError, match=why):
         ismrmrd_io.field_reader(ismrmrd_io.ACQUISITION_HEADER_DTYPE, names)
+
+
+def test_field_reader_refuses_big_endian_fields() -> None:
+    with pytest.raises(ValueError, match="big-endian"):
+        ismrmrd_io.field_reader(np.dtype([("a", "<u2"), ("b", ">u4")]), ["a", "b"])
