@@ -146,6 +146,14 @@ class _Store:
     geometry: dict[int, np.ndarray] = field(default_factory=dict)
     slices_seen: set[int] = field(default_factory=set)
 
+    def destination(self, calib_only: bool) -> np.ndarray:
+        """The array a line goes to: ``calib_only`` (allocated on first use) or ``kspace``."""
+        if not calib_only:
+            return self.kspace
+        if self.calib_only is None:
+            self.calib_only = POOL.zeros(self.kspace.shape)
+        return self.calib_only
+
 
 class _Target(NamedTuple):
     """Where a line goes: store key (contrast, repetition), slice, row, calibration-only."""
@@ -247,16 +255,12 @@ class Assembler:
             )
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
         calib_only = bool(flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING)
-        if calib_only and store.calib_only is None:
-            store.calib_only = POOL.zeros(store.kspace.shape)
         if self.cropper is not None:
             cropped = self.cropper.add(_Target(key, sl, ky, calib_only), data, x0)
             if cropped is not None:
                 self._place_batch(*cropped)
         else:
-            dest = store.calib_only if calib_only else store.kspace
-            assert dest is not None
-            dest[sl, :, ky, x0 : x0 + samples] = data
+            store.destination(calib_only)[sl, :, ky, x0 : x0 + samples] = data
         if not calib_only:
             store.imaging[ky] = True
             if sl not in store.geometry:
@@ -269,23 +273,13 @@ class Assembler:
 
     def _place_batch(self, targets: list[_Target], lines: np.ndarray) -> None:
         """Put cropped lines (n, coils, recon nx) in their stores."""
-        first = targets[0]
-        if all(t.key == first.key and t.calib_only == first.calib_only for t in targets):
-            store = self.stores[first.key]
-            dest = store.calib_only if first.calib_only else store.kspace
-            assert dest is not None
-            dest[[t.slice for t in targets], :, [t.row for t in targets], :] = lines
-            return
         groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
         for i, t in enumerate(targets):
             groups.setdefault((t.key, t.calib_only), []).append(i)
         for (key, calib_only), rows in groups.items():
-            store = self.stores[key]
-            dest = store.calib_only if calib_only else store.kspace
-            assert dest is not None
-            sl = np.array([targets[i].slice for i in rows])
-            ky = np.array([targets[i].row for i in rows])
-            dest[sl, :, ky, :] = lines[rows]
+            part = lines if len(rows) == len(targets) else lines[rows]  # one group: no copy
+            dest = self.stores[key].destination(calib_only)
+            dest[[targets[i].slice for i in rows], :, [targets[i].row for i in rows], :] = part
 
     def _new_store(self) -> _Store:
         assert self.channels is not None and self.nx is not None

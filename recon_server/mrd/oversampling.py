@@ -47,8 +47,7 @@ def remove_readout_oversampling(kspace: np.ndarray, nx: int, *, workers: int = -
         out = sfft.fftshift(sfft.fft(img, axis=-1, norm="ortho", workers=workers), axes=-1)
         return np.asarray(out, dtype=np.complex64)
     if full == 2 * nx:
-        k = np.asarray(kspace, dtype=np.complex64)
-        return _halve_readout(k[..., ::2], k[..., 1::2], workers=workers)
+        return _halve_readout(kspace[..., ::2], kspace[..., 1::2], workers=workers)
     img = sfft.ifft(kspace, axis=-1, norm="ortho", workers=workers)
     half = nx // 2
     cropped = np.concatenate([img[..., :half], img[..., full - half :]], axis=-1)
