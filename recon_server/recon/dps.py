@@ -176,15 +176,16 @@ def _start(
     sigma0: float,
     generator: Generators,
     support: Tensor | None,
-) -> Tensor:
-    """``x_0 = init + s_0 n`` in channel form (``init`` = 0 for a cold start); checks ``support``."""
-    ref = forward_op.adjoint(y)
-    b, h, w = ref.shape
+) -> tuple[Tensor, Tensor]:
+    """``(x_0, A^H y)``: ``x_0 = init + s_0 n`` in channel form (``init`` = 0 for a cold start);
+    the adjoint gives the image shape (``support`` is checked against it) and DDS reuses it."""
+    aty = forward_op.adjoint(y)
+    b, h, w = aty.shape
     if support is not None and tuple(support.shape) != (b, h, w):
         raise ValueError(f"support must be (B, H, W) = {(b, h, w)}, got {tuple(support.shape)}")
     noise = randn((b, 2, h, w), generator, y.device)
     base = to_channels(init) if init is not None else torch.zeros_like(noise)
-    return base + sigma0 * noise
+    return base + sigma0 * noise, aty
 
 
 # --------------------------------------------------------------------------- DPS
@@ -264,7 +265,7 @@ def dps_sample(
     if zeta < 0 or guard <= 0:
         raise ValueError(f"need zeta >= 0 and guard > 0, got zeta={zeta}, guard={guard}")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    x = _start(y, forward_op, init, float(sigmas[0]), generator, support)
+    x, _ = _start(y, forward_op, init, float(sigmas[0]), generator, support)
     nfe = 0
     for i in range(steps):
         x, x0, rn, n = dps_step(
@@ -329,8 +330,7 @@ def dds_sample(
         raise ValueError(f"need gamma > 0, cg_iters >= 0, 0 <= eta <= 1; got {gamma}, {cg_iters}, {eta}")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     with torch.no_grad():
-        x = _start(y, forward_op, init, float(sigmas[0]), generator, support)
-        aty = forward_op.adjoint(y)
+        x, aty = _start(y, forward_op, init, float(sigmas[0]), generator, support)
         b = x.shape[0]
         z = to_complex(x)
         for i in range(steps):
