@@ -156,6 +156,8 @@ def reconstruct_all(
         series_index=scan.contrast_index * 1000 + scan.repetition + 1,
         contrast=scan.contrast,
         measurement_id=scan.measurement_id,
+        measurement_uid=scan.measurement_uid,
+        raw_digest=scan.raw_digest,
     )
     volumes = [image]
     if out.std is not None:

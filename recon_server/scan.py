@@ -26,6 +26,11 @@ class SliceGeometry:
     slice_dir: tuple[float, float, float]
     fov_mm: tuple[float, float, float]
     slice_index: int = 0
+    # Acquisition header fields that returned images carry, as Gadgetron's do (from the slice's
+    # first imaging readout).
+    table_position: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    acquisition_time_stamp: int = 0
+    physiology_time_stamp: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -44,6 +49,10 @@ class KSpaceScan:
     contrast:    contrast label (``T1``, ``T2``, ``T1POST``, ``FLAIR``...) or ``""`` if unknown.
     acceleration: nominal acceleration (acquired fraction of phase-encode lines, inverted).
     header_xml:  the ISMRMRD XML header of the scan, unchanged.
+    measurement_uid: the readouts' ``measurement_uid`` (returned images carry it).
+    raw_digest:  a hex digest of the raw stream's identity (header, line count, first and last
+                 readouts): the same scan replayed gives the same digest, two different scans
+                 (also without study UID or measurement ID) different ones.
     """
 
     kspace: np.ndarray
@@ -58,6 +67,8 @@ class KSpaceScan:
     repetition: int = 0
     contrast_index: int = 0
     measurement_id: str = ""
+    measurement_uid: int = 0
+    raw_digest: str = ""
 
 
 @dataclass
@@ -95,3 +106,5 @@ class ImageVolume:
     contrast: str = ""
     measurement_id: str = ""
     role: str = "image"
+    measurement_uid: int = 0
+    raw_digest: str = ""

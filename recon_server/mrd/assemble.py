@@ -23,6 +23,7 @@ Contrast label rule (first that applies), see :func:`contrast_label`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -135,6 +136,28 @@ def _unit(v: np.ndarray, default: tuple[float, float, float]) -> tuple[float, fl
     return (float(v[0] / norm), float(v[1] / norm), float(v[2] / norm))
 
 
+class _HeadGeometry(NamedTuple):
+    """What a slice's first imaging readout says about where and when it was measured."""
+
+    vectors: np.ndarray  # float (12,): position, read, phase, slice directions
+    table_position: tuple[float, float, float]
+    acquisition_time_stamp: int
+    physiology_time_stamp: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, head: np.void | np.ndarray) -> _HeadGeometry:
+        table = head["patient_table_position"]
+        physio = head["physiology_time_stamp"]
+        return cls(
+            vectors=np.concatenate(
+                [head["position"], head["read_dir"], head["phase_dir"], head["slice_dir"]]
+            ),
+            table_position=(float(table[0]), float(table[1]), float(table[2])),
+            acquisition_time_stamp=int(head["acquisition_time_stamp"]),
+            physiology_time_stamp=(int(physio[0]), int(physio[1]), int(physio[2])),
+        )
+
+
 @dataclass
 class _Store:
     """Lines of one (contrast, repetition), preallocated at (slices, coils, ny, nx)."""
@@ -143,7 +166,7 @@ class _Store:
     imaging: np.ndarray  # bool (ny,), rows holding imaging data
     calibration_rows: np.ndarray  # bool (ny,), rows usable for calibration
     calib_only: np.ndarray | None = None  # (slices, coils, ny, nx) for calibration-only lines
-    geometry: dict[int, np.ndarray] = field(default_factory=dict)
+    geometry: dict[int, _HeadGeometry] = field(default_factory=dict)
     slices_seen: set[int] = field(default_factory=set)
 
     def destination(self, calib_only: bool) -> np.ndarray:
@@ -199,6 +222,11 @@ class Assembler:
         self.stores: dict[tuple[int, int], _Store] = {}
         self.noise: list[np.ndarray] = []
         self.n_lines = 0
+        self.measurement_uid = 0
+        # The raw stream's identity (KSpaceScan.raw_digest) from its first and last readouts:
+        # hashing every line would cost the ingest rate.
+        self._first_line: bytes | None = None
+        self._last_line: tuple[np.void | np.ndarray, np.ndarray] | None = None
         info = self.header.measurementInformation
         self.measurement_id = str(info.measurementID) if info is not None and info.measurementID else ""
 
@@ -228,6 +256,10 @@ class Assembler:
         if flags & NOISE:
             self.noise.append(np.asarray(data, dtype=np.complex64))
             return
+        if self._first_line is None:
+            self._first_line = head.tobytes() + np.ascontiguousarray(data).tobytes()
+            self.measurement_uid = int(head["measurement_uid"])
+        self._last_line = (head, data)
         if self.nx is None:
             # Readouts longer than the recon matrix carry oversampling: place them at the encoded
             # width and crop them to the recon width as they stream in.
@@ -264,9 +296,7 @@ class Assembler:
         if not calib_only:
             store.imaging[ky] = True
             if sl not in store.geometry:
-                store.geometry[sl] = np.concatenate(
-                    [head["position"], head["read_dir"], head["phase_dir"], head["slice_dir"]]
-                )
+                store.geometry[sl] = _HeadGeometry.of(head)
         if is_cal:
             store.calibration_rows[ky] = True
         store.slices_seen.add(sl)
@@ -338,9 +368,21 @@ class Assembler:
         if cropped is not None:
             self._place_batch(*cropped)
         noise = np.concatenate(self.noise, axis=1) if self.noise else None
-        return [self._finish_one(key, store, noise) for key, store in sorted(self.stores.items())]
+        digest = self._digest()
+        return [self._finish_one(key, store, noise, digest) for key, store in sorted(self.stores.items())]
 
-    def _finish_one(self, key: tuple[int, int], store: _Store, noise: np.ndarray | None) -> KSpaceScan:
+    def _digest(self) -> str:
+        h = hashlib.blake2b(self.header_xml.encode("utf-8"), digest_size=16)
+        h.update(str(self.n_lines).encode())
+        h.update(self._first_line or b"")
+        if self._last_line is not None:
+            head, data = self._last_line
+            h.update(head.tobytes() + np.ascontiguousarray(data).tobytes())
+        return h.hexdigest()
+
+    def _finish_one(
+        self, key: tuple[int, int], store: _Store, noise: np.ndarray | None, digest: str
+    ) -> KSpaceScan:
         contrast_index, repetition = key
         if not store.imaging.any():
             raise ValueError(f"contrast {contrast_index} repetition {repetition}: only calibration readouts")
@@ -365,7 +407,8 @@ class Assembler:
                 calibration[:, :, only, :] = calib_only[:, :, rows[only], :]
         geometry = []
         for sl in slices:
-            g = store.geometry.get(sl, np.zeros(12, dtype=np.float32))
+            head = store.geometry.get(sl)
+            g = head.vectors if head is not None else np.zeros(12, dtype=np.float32)
             geometry.append(
                 SliceGeometry(
                     position=(float(g[0]), float(g[1]), float(g[2])),
@@ -374,6 +417,9 @@ class Assembler:
                     slice_dir=_unit(g[9:12], (0.0, 0.0, 1.0)),
                     fov_mm=self.fov,
                     slice_index=sl,
+                    table_position=head.table_position if head is not None else (0.0, 0.0, 0.0),
+                    acquisition_time_stamp=head.acquisition_time_stamp if head is not None else 0,
+                    physiology_time_stamp=head.physiology_time_stamp if head is not None else (0, 0, 0),
                 )
             )
         return KSpaceScan(
@@ -389,6 +435,8 @@ class Assembler:
             repetition=repetition,
             contrast_index=contrast_index,
             measurement_id=self.measurement_id,
+            measurement_uid=self.measurement_uid,
+            raw_digest=digest,
         )
 
 
