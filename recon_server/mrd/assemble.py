@@ -7,9 +7,27 @@ Feed an :class:`Assembler` the readouts as they arrive and call :meth:`Assembler
 - Readout line ``idx.kspace_encode_step_1`` goes to row ``ky + (ny // 2 - limits.center)``
   of the encoded matrix (``ny`` = encodedSpace y); the sample ``center_sample`` lands on
   column ``nx // 2``. Only acquired lines need to arrive (prospective undersampling).
-- Lines flagged ACQ_IS_PARALLEL_CALIBRATION are calibration only; lines flagged
-  ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING are both. Without either flag the calibration
-  region is the fully sampled run of lines around the centre (``masks.acs_region``).
+- Every measured line is data: lines flagged ACQ_IS_PARALLEL_CALIBRATION (calibration only,
+  Siemens PATREFSCAN) enter k-space and the sampling mask like imaging lines, as BART pics and
+  Gadgetron's SENSE paths use them, unless ``calibration_lines`` says otherwise
+  (:data:`CALIBRATION_LINE_MODES`: ``auto`` merges them except when the header's
+  ``calibrationMode`` is ``separate``, whose reference scan may have another contrast;
+  ``data`` always; ``calibration`` keeps them for the coil maps only, the pure imaging grid).
+  Lines flagged ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING are both. The calibration region is the
+  run of calibration lines around the centre, or without flags the fully sampled run of lines
+  around the centre (``masks.acs_region``); a scan with neither gets ``acs == (0, 0)`` and no
+  calibration rows (the methods that need coil maps refuse it; zero-filled does not).
+- A separate reference scan with its own encoding (``encoding_space_ref`` 1: the header's
+  second ``<encoding>``, another matrix and resolution) is calibration only: its oversampling is
+  removed and its k-space is placed on the imaging grid (same field of view: the central rows
+  and columns; another field of view: resampled in image space).
+- Repeated measurements of a line (``idx.average``, or a line sent twice) are averaged, never
+  overwritten.
+- Partial readouts (asymmetric echo, ``center_sample`` below half the readout) mark only the
+  measured columns in the mask; partial Fourier in phase follows from the encoding limits'
+  centre. Noise readouts measured with another dwell time than the imaging readouts are scaled
+  by ``sqrt(dwell_noise / dwell_imaging)`` (noise variance per sample goes with the bandwidth,
+  1/dwell), as Gadgetron's NoiseAdjustGadget does.
 - Readout oversampling: when readouts are longer than reconSpace x, each line is placed in a
   row of encodedSpace x, transformed to image space along x, cropped to the central reconSpace x
   columns and transformed back (centred orthonormal FFT), in batches while the scan streams in
@@ -26,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,7 +54,7 @@ from ismrmrd import xsd
 
 from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, field_reader
 from recon_server.data.masks import acceleration_of, acs_region, mask_2d
-from recon_server.mrd import wire
+from recon_server.mrd import reference, wire
 from recon_server.mrd.buffers import POOL
 from recon_server.mrd.oversampling import StreamingCropper
 from recon_server.scan import KSpaceScan, SliceGeometry
@@ -63,8 +82,19 @@ IGNORED = (
 #: The header fields every readout needs, read in one call (numpy record fields are slow).
 LINE_FIELDS = field_reader(
     ACQUISITION_HEADER_DTYPE,
-    ["flags", "center_sample", "idx.kspace_encode_step_1", "idx.slice", "idx.contrast", "idx.repetition"],
+    [
+        "flags",
+        "center_sample",
+        "encoding_space_ref",
+        "sample_time_us",
+        "idx.kspace_encode_step_1",
+        "idx.slice",
+        "idx.contrast",
+        "idx.repetition",
+    ],
 )
+#: ``calibration_lines``: what calibration-only lines are (module docstring).
+CALIBRATION_LINE_MODES = ("auto", "data", "calibration")
 KNOWN_CONTRASTS = ("FLAIR", "T1POST", "T1", "T2", "PD", "DWI")
 
 
@@ -160,12 +190,19 @@ class _HeadGeometry(NamedTuple):
 
 @dataclass
 class _Store:
-    """Lines of one (contrast, repetition), preallocated at (slices, coils, ny, nx)."""
+    """Lines of one (contrast, repetition), preallocated at (slices, coils, ny, nx).
+
+    ``kspace`` holds the sum of every measurement of a row and ``counts`` how many there were
+    (averages are divided out at the end). ``calib_only`` holds the lines that are calibration
+    only (``calibration_lines`` ``calibration``, or a separate reference scan).
+    """
 
     kspace: np.ndarray
-    imaging: np.ndarray  # bool (ny,), rows holding imaging data
+    counts: np.ndarray  # uint16 (slices, ny): measurements summed into kspace per row
+    imaging: np.ndarray  # bool (ny,), rows holding data
     calibration_rows: np.ndarray  # bool (ny,), rows usable for calibration
     calib_only: np.ndarray | None = None  # (slices, coils, ny, nx) for calibration-only lines
+    calib_only_rows: np.ndarray | None = None  # bool (ny,), rows held in calib_only
     geometry: dict[int, _HeadGeometry] = field(default_factory=dict)
     slices_seen: set[int] = field(default_factory=set)
 
@@ -175,6 +212,7 @@ class _Store:
             return self.kspace
         if self.calib_only is None:
             self.calib_only = POOL.zeros(self.kspace.shape)
+            self.calib_only_rows = np.zeros(self.kspace.shape[-2], dtype=bool)
         return self.calib_only
 
 
@@ -187,10 +225,27 @@ class _Target(NamedTuple):
     calib_only: bool
 
 
+class _ReferenceLine(NamedTuple):
+    """A readout of a separate reference scan (``encoding_space_ref`` > 0), placed at the end."""
+
+    key: tuple[int, int]
+    slice: int
+    ky: int
+    centre: int
+    data: np.ndarray
+
+
 class Assembler:
     """Collects readouts of one stream into k-space scans (see the module docstring)."""
 
-    def __init__(self, header_xml: str, *, config: dict | None = None) -> None:
+    def __init__(
+        self, header_xml: str, *, config: dict | None = None, calibration_lines: str = "auto"
+    ) -> None:
+        if calibration_lines not in CALIBRATION_LINE_MODES:
+            raise ValueError(
+                f"calibration_lines must be one of {', '.join(CALIBRATION_LINE_MODES)}, "
+                f"got {calibration_lines!r}"
+            )
         self.header_xml = header_xml.rstrip("\x00")
         self.header = parse_header(self.header_xml)
         self.config = config or {}
@@ -206,14 +261,16 @@ class Assembler:
             raise ValueError(
                 f"implausible encoding matrix {self.enc_nx} x {self.ny} (recon x {self.recon_nx})"
             )
+        self.ky_offset = self.ny // 2 - reference.e1_centre(enc, self.ny)
         limits = enc.encodingLimits
-        e1 = getattr(limits, "kspace_encoding_step_1", None) if limits is not None else None
-        centre = int(e1.center) if e1 is not None and e1.center is not None else self.ny // 2
-        self.ky_offset = self.ny // 2 - centre
         sl = getattr(limits, "slice", None) if limits is not None else None
         self.n_slices = int(sl.maximum) + 1 if sl is not None and sl.maximum is not None else 1
         if self.n_slices > 4096:
             raise ValueError(f"implausible number of slices {self.n_slices}")
+        mode = reference.calibration_mode(enc)
+        if calibration_lines == "auto":
+            calibration_lines = "calibration" if mode == "separate" else "data"
+        self.calibration_as_data = calibration_lines == "data"
         system = self.header.acquisitionSystemInformation
         rc = system.receiverChannels if system is not None else None
         self.channels: int | None = int(rc) if rc else None
@@ -221,6 +278,11 @@ class Assembler:
         self.cropper: StreamingCropper[_Target] | None = None
         self.stores: dict[tuple[int, int], _Store] = {}
         self.noise: list[np.ndarray] = []
+        self.references: list[_ReferenceLine] = []
+        self.columns = np.zeros(self.recon_nx, dtype=bool)  # readout columns measured
+        self._extent: tuple[int, int] | None = None  # (x0, samples) of the last line
+        self.noise_dwell_us = 0.0
+        self.imaging_dwell_us = 0.0
         self.n_lines = 0
         self.measurement_uid = 0
         # The raw stream's identity (KSpaceScan.raw_digest) from its first and last readouts:
@@ -245,7 +307,7 @@ class Assembler:
         self.add_line(acq.head, acq.data)
 
     def add_line(self, head: np.void | np.ndarray, data: np.ndarray) -> None:
-        flags, centre, ky, sl, contrast, repetition = LINE_FIELDS.unpack_from(head.tobytes())
+        flags, centre, space, dwell, ky, sl, contrast, repetition = LINE_FIELDS.unpack_from(head.tobytes())
         if flags & IGNORED:
             return
         channels, samples = data.shape
@@ -255,18 +317,22 @@ class Assembler:
             self._check_channels(channels, f"readout {line}")
         if flags & NOISE:
             self.noise.append(np.asarray(data, dtype=np.complex64))
+            self.noise_dwell_us = self.noise_dwell_us or float(dwell)
             return
         if self._first_line is None:
             self._first_line = head.tobytes() + np.ascontiguousarray(data).tobytes()
             self.measurement_uid = int(head["measurement_uid"])
         self._last_line = (head, data)
+        key = (contrast, repetition)
+        if space:
+            self._add_reference(line, space, _ReferenceLine(key, sl, ky, centre, np.array(data)))
+            return
         if self.nx is None:
             # Readouts longer than the recon matrix carry oversampling: place them at the encoded
             # width and crop them to the recon width as they stream in.
             self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
             if self.nx > self.recon_nx:
                 self.cropper = StreamingCropper(channels, self.nx, self.recon_nx)
-        key = (contrast, repetition)
         store = self.stores.get(key)
         if store is None:
             store = self._new_store()
@@ -285,21 +351,47 @@ class Assembler:
                 f"readout {line}: {samples} samples with centre {centre} do not fit a "
                 f"readout of {nx} (encodedSpace x {self.enc_nx}, reconSpace x {self.recon_nx})"
             )
+        if (x0, samples) != self._extent:
+            self._mark_columns(x0, samples)
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
         calib_only = bool(flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING)
+        calib_only = calib_only and not self.calibration_as_data
+        if calib_only:
+            store.destination(True)
+            assert store.calib_only_rows is not None
+            store.calib_only_rows[ky] = True
+        else:
+            store.counts[sl, ky] += 1
+            store.imaging[ky] = True
+            self.imaging_dwell_us = self.imaging_dwell_us or float(dwell)
+            if sl not in store.geometry:
+                store.geometry[sl] = _HeadGeometry.of(head)
         if self.cropper is not None:
             cropped = self.cropper.add(_Target(key, sl, ky, calib_only), data, x0)
             if cropped is not None:
                 self._place_batch(*cropped)
+        elif calib_only:
+            store.destination(True)[sl, :, ky, x0 : x0 + samples] = data
+        elif store.counts[sl, ky] > 1:
+            store.kspace[sl, :, ky, x0 : x0 + samples] += data
         else:
-            store.destination(calib_only)[sl, :, ky, x0 : x0 + samples] = data
-        if not calib_only:
-            store.imaging[ky] = True
-            if sl not in store.geometry:
-                store.geometry[sl] = _HeadGeometry.of(head)
+            store.kspace[sl, :, ky, x0 : x0 + samples] = data
         if is_cal:
             store.calibration_rows[ky] = True
         store.slices_seen.add(sl)
+
+    def _mark_columns(self, x0: int, samples: int) -> None:
+        """Mark the recon-width columns a readout of ``samples`` at ``x0`` measured."""
+        self._extent = (x0, samples)
+        assert self.nx is not None
+        if samples == self.nx:
+            self.columns[:] = True
+            return
+        # Column i of the placed readout is recon column c_r + (i - c_e) * recon_nx / nx.
+        ratio, c_e, c_r = self.recon_nx / self.nx, self.nx // 2, self.recon_nx // 2
+        first = c_r + math.ceil((x0 - c_e) * ratio)
+        last = c_r + math.floor((x0 + samples - 1 - c_e) * ratio)
+        self.columns[max(first, 0) : min(last + 1, self.recon_nx)] = True
 
     def _place_batch(self, targets: list[_Target], lines: np.ndarray) -> None:
         """Put cropped lines (n, coils, recon nx) in their stores."""
@@ -307,15 +399,30 @@ class Assembler:
         for i, t in enumerate(targets):
             groups.setdefault((t.key, t.calib_only), []).append(i)
         for (key, calib_only), rows in groups.items():
+            store = self.stores[key]
+            dest = store.destination(calib_only)
+            slices, kys = [targets[i].slice for i in rows], [targets[i].row for i in rows]
+            if not calib_only and int(store.counts[slices, kys].max()) > 1:
+                for i, s, k in zip(rows, slices, kys, strict=True):  # averages: add, never overwrite
+                    dest[s, :, k, :] += lines[i]
+                continue
             part = lines if len(rows) == len(targets) else lines[rows]  # one group: no copy
-            dest = self.stores[key].destination(calib_only)
-            dest[[targets[i].slice for i in rows], :, [targets[i].row for i in rows], :] = part
+            dest[slices, :, kys, :] = part
+
+    def _add_reference(self, line: int, space: int, ref: _ReferenceLine) -> None:
+        if space >= len(self.header.encoding):
+            raise ValueError(
+                f"readout {line}: encoding_space_ref {space} but the header has "
+                f"{len(self.header.encoding)} <encoding> element(s)"
+            )
+        self.references.append(ref)
 
     def _new_store(self) -> _Store:
         assert self.channels is not None and self.nx is not None
         shape = (self.n_slices, self.channels, self.ny, self.recon_nx)
         return _Store(
             kspace=POOL.zeros(shape),  # reused across scans: fresh memory faults page by page
+            counts=np.zeros((self.n_slices, self.ny), dtype=np.uint16),
             imaging=np.zeros(self.ny, dtype=bool),
             calibration_rows=np.zeros(self.ny, dtype=bool),
         )
@@ -324,6 +431,7 @@ class Assembler:
         log.warning("slice index %d beyond the header's encoding limits; growing the buffer", slices - 1)
         pad = ((0, slices - store.kspace.shape[0]), (0, 0), (0, 0), (0, 0))
         store.kspace = np.pad(store.kspace, pad)
+        store.counts = np.pad(store.counts, pad[:1] + pad[2:3])
         if store.calib_only is not None:
             store.calib_only = np.pad(store.calib_only, pad)
         self.n_slices = max(self.n_slices, slices)
@@ -353,10 +461,26 @@ class Assembler:
                 head["idx"]["slice"] = loc
             head["number_of_samples"], head["active_channels"] = e0, cha
             if calibration:
+                # Gadgetron's reference buffer repeats the data buffer's calibration-and-imaging
+                # lines: calibration only here (as data they would be counted twice).
                 head["flags"] = (int(head["flags"]) | CALIBRATION) & ~CALIBRATION_AND_IMAGING
+                if self.calibration_as_data and self._holds_row(head):
+                    continue
             else:
                 head["flags"] = int(head["flags"]) & ~CALIBRATION
             self.add_line(head, line)
+
+    def _holds_row(self, head: np.void | np.ndarray) -> bool:
+        """Whether the store of this (contrast, repetition) already has data on the line's row."""
+        idx = head["idx"]
+        store = self.stores.get((int(idx["contrast"]), int(idx["repetition"])))
+        sl, ky = int(idx["slice"]), int(idx["kspace_encode_step_1"]) + self.ky_offset
+        return (
+            store is not None
+            and sl < store.counts.shape[0]
+            and 0 <= ky < self.ny
+            and bool(store.counts[sl, ky])
+        )
 
     # ---------------------------------------------------------------- finishing
 
@@ -367,9 +491,36 @@ class Assembler:
         cropped = self.cropper.flush() if self.cropper is not None else None
         if cropped is not None:
             self._place_batch(*cropped)
+        self._place_references()
         noise = np.concatenate(self.noise, axis=1) if self.noise else None
+        if noise is not None and self.noise_dwell_us > 0 and self.imaging_dwell_us > 0:
+            if abs(self.noise_dwell_us - self.imaging_dwell_us) > 1e-6 * self.imaging_dwell_us:
+                noise = noise * np.float32(math.sqrt(self.noise_dwell_us / self.imaging_dwell_us))
         digest = self._digest()
         return [self._finish_one(key, store, noise, digest) for key, store in sorted(self.stores.items())]
+
+    def _place_references(self) -> None:
+        """Put the separate reference scan's lines on the imaging grid, as calibration only."""
+        if not self.references:
+            return
+        grouped: dict[tuple[tuple[int, int], int], list[_ReferenceLine]] = {}
+        for ref in self.references:
+            grouped.setdefault((ref.key, ref.slice), []).append(ref)
+        space = reference.reference_space(self.header.encoding[1])
+        for (key, sl), refs in grouped.items():
+            store = self.stores.get(key) or next(iter(self.stores.values()))
+            if sl >= store.kspace.shape[0]:
+                raise ValueError(
+                    f"reference line of slice {sl} beyond the imaging scan's {store.kspace.shape[0]} slices"
+                )
+            grid, measured = reference.reference_kspace(refs, space, channels=store.kspace.shape[1])
+            placed, rows = reference.onto_imaging_grid(
+                grid, measured, space, ny=self.ny, nx=self.recon_nx, fov_mm=self.fov[:2]
+            )
+            store.destination(True)[sl][:, rows, :] = placed[:, rows, :]
+            assert store.calib_only_rows is not None
+            store.calib_only_rows[rows] = True
+            store.calibration_rows[rows] = True
 
     def _digest(self) -> str:
         h = hashlib.blake2b(self.header_xml.encode("utf-8"), digest_size=16)
@@ -386,22 +537,22 @@ class Assembler:
         contrast_index, repetition = key
         if not store.imaging.any():
             raise ValueError(f"contrast {contrast_index} repetition {repetition}: only calibration readouts")
+        repeated = np.nonzero(store.counts > 1)
+        if repeated[0].size:  # averages: the mean of the measurements of a row
+            store.kspace[repeated[0], :, repeated[1], :] /= store.counts[repeated][:, None, None]
         slices = sorted(store.slices_seen)
         every = slices == list(range(store.kspace.shape[0]))
         kspace = store.kspace if every else store.kspace[slices]  # no copy in the usual case
         calib_only = store.calib_only
         if calib_only is not None and not every:
             calib_only = calib_only[slices]
-        if store.calibration_rows.any():
-            acs = acs_region(store.calibration_rows | (store.imaging & (calib_only is None)), min_lines=2)
-        else:
-            acs = acs_region(store.imaging, min_lines=4)
-        # A view of k-space unless separate calibration lines must be merged in (a fully sampled
+        acs = self._acs(store)
+        # A view of k-space unless calibration-only lines must be merged in (a fully sampled
         # scan would otherwise copy all of it).
         calibration = kspace[:, :, acs[0] : acs[1], :]
-        if calib_only is not None:
+        if calib_only is not None and store.calib_only_rows is not None:
             rows = np.arange(acs[0], acs[1])
-            only = store.calibration_rows[rows] & ~store.imaging[rows]
+            only = store.calib_only_rows[rows]
             if only.any():
                 calibration = calibration.copy()
                 calibration[:, :, only, :] = calib_only[:, :, rows[only], :]
@@ -424,7 +575,7 @@ class Assembler:
             )
         return KSpaceScan(
             kspace=kspace,
-            mask=mask_2d(store.imaging, kspace.shape[-1]),
+            mask=mask_2d(store.imaging, kspace.shape[-1]) & self.columns[None, :],
             acs=acs,
             calibration=calibration,
             geometry=geometry,
@@ -439,6 +590,23 @@ class Assembler:
             raw_digest=digest,
         )
 
+    @staticmethod
+    def _acs(store: _Store) -> tuple[int, int]:
+        """The calibration rows: the flagged run, else the fully sampled centre, else (0, 0)."""
+        try:
+            if store.calibration_rows.any():
+                # Calibration-only lines held apart: only the flagged rows (their own block).
+                rows = (
+                    store.calibration_rows
+                    if store.calib_only is not None
+                    else store.calibration_rows | store.imaging
+                )
+                return acs_region(rows, min_lines=2)
+            return acs_region(store.imaging, min_lines=4)
+        except ValueError as exc:
+            log.warning("no calibration region (%s): coil maps cannot be estimated", exc)
+            return (0, 0)
+
 
 def parse_config_text(text: str) -> dict:
     """Parse the optional JSON TEXT a FIRE client sends after the header ({} if not JSON)."""
@@ -450,10 +618,14 @@ def parse_config_text(text: str) -> dict:
 
 
 def assemble(
-    header_xml: str, lines: list[tuple[np.void, np.ndarray]], *, config: dict | None = None
+    header_xml: str,
+    lines: list[tuple[np.void, np.ndarray]],
+    *,
+    config: dict | None = None,
+    calibration_lines: str = "auto",
 ) -> list[KSpaceScan]:
     """Convenience: assemble a whole list of ``(head, data)`` readouts at once."""
-    asm = Assembler(header_xml, config=config)
+    asm = Assembler(header_xml, config=config, calibration_lines=calibration_lines)
     for head, data in lines:
         asm.add_line(head, data)
     return asm.finish()

@@ -8,7 +8,9 @@ of a volume:
    the coil-combined image of the ACS rows. When the scan's ACS block contains the training
    block (``round(0.08 ky)`` central rows, ``data.slices.centre_acs``) exactly that block is used,
    so inference and training scale identically; a smaller ACS (e.g. R > 4 with the 0.04 fastMRI
-   fraction) is used as it is. ``y / scale`` goes to the sampler, the result is multiplied back.
+   fraction) is used as it is. Without a fully sampled centre in the data (separate reference
+   scans) the training block is zero-filled and divided by the fraction of its rows measured.
+   ``y / scale`` goes to the sampler, the result is multiplied back.
 3. Items = (posterior sample k, slice s), batched ``batch_size`` at a time on the device, each with
    its own CPU generator seeded by ``(seed, k, s)``: the noise of an item does not depend on the
    batch it lands in, so results are independent of the batch size (up to float rounding of
@@ -259,8 +261,16 @@ def volume_scale(kspace: Tensor, maps: Tensor, mask: Tensor | np.ndarray) -> Ten
     lines = _line_mask(mask)
     if lines.shape[0] != kspace.shape[-2]:
         raise ValueError(f"mask has {lines.shape[0]} phase-encode lines, k-space {kspace.shape[-2]}")
-    start, stop = acs_region(lines)  # ValueError "no ACS region found" without a calibration block
     t0, t1 = centre_acs(kspace.shape[-2], TRAINING_CENTER_FRACTION)
+    try:
+        start, stop = acs_region(lines)
+    except ValueError:
+        # No fully sampled centre in the data (a separate reference scan calibrated the coils):
+        # the training block zero-filled, its amplitude divided by the fraction of it measured.
+        fraction = float(lines[t0:t1].mean())
+        if fraction == 0:
+            raise ValueError("no phase-encode line near the k-space centre: no intensity scale") from None
+        return slice_scale(kspace[:, :, t0:t1, :], maps, acs=(t0, t1)) / fraction
     if start <= t0 and t1 <= stop:
         start, stop = t0, t1
     scale = slice_scale(kspace[:, :, start:stop, :], maps, acs=(start, stop))

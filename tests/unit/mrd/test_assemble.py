@@ -12,7 +12,7 @@ import pytest
 
 from recon_server.data import ismrmrd_io
 from recon_server.mrd import wire
-from recon_server.mrd.assemble import Assembler, contrast_label, parse_header
+from recon_server.mrd.assemble import Assembler, assemble, contrast_label, parse_header
 from recon_server.mrd.oversampling import StreamingCropper, remove_readout_oversampling
 from recon_server.scan import KSpaceScan
 
@@ -46,9 +46,27 @@ def test_fully_sampled_scan_matches_truth(shepp_full: Path, shepp_truth) -> None
     assert _nrmse_csm_combined(scan.kspace[0, :, ::-1], ph, csm) > 0.4
 
 
-def test_interleaved_calibration_scan(shepp_accel2: Path) -> None:
+def test_interleaved_calibration_scan_every_line_is_data(shepp_accel2: Path) -> None:
     scans = _assemble(shepp_accel2)
     assert [s.repetition for s in scans] == [0, 1]
+    first = scans[0]
+    lines = first.mask[:, 0]
+    # The generator's calibration-only lines (odd rows 25..39) are measurements: data and mask.
+    assert lines[::2].all() and lines[24:40].all() and not lines[1:24:2].any()
+    assert first.acceleration == pytest.approx(64 / 40)
+    assert first.acs == (24, 41)  # the flagged block and the imaging line next to it
+    assert np.abs(first.kspace[0, :, 25, :]).sum() > 0
+    assert np.shares_memory(first.calibration, first.kspace)  # a view: no merged copy needed
+    assert first.calibration.shape == (1, 4, 17, 64)
+
+
+def test_interleaved_calibration_scan_pure_imaging_grid(shepp_accel2: Path) -> None:
+    raw = ismrmrd_io.read_raw(shepp_accel2)
+    scans = assemble(
+        raw.header_xml,
+        list(zip(raw.acquisition_headers, raw.data, strict=True)),
+        calibration_lines="calibration",
+    )
     first = scans[0]
     lines = first.mask[:, 0]
     assert lines[::2].all() and not lines[1::2].any()

@@ -1,0 +1,87 @@
+"""The conformance corpus: one simulated subject written in every acquisition convention."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from recon_server.config import ServiceConfig
+from recon_server.data.acquire import SimulatedSubject, SimulationConfig, simulate_subject
+from recon_server.mrd.server import StreamServer
+from recon_server.recon import methods
+
+
+def _load_corpus() -> ModuleType:
+    """corpus.py by path (with --import-mode=importlib the test folders are not packages)."""
+    name = "recon_conformance_corpus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "corpus.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+corpus = _load_corpus()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``case``: every convention of the corpus."""
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", list(corpus.CASES))
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "flair-stroke-demo"
+# Few steps keep the faithful sampler affordable in `make test`; bounds below are for these.
+DIFFUSION_STEPS = {"dps": {"steps": 24}, "dps-fast": {"steps": 10}, "dps-warm": {"steps": 4}}
+
+
+@pytest.fixture(scope="session")
+def layouts() -> ModuleType:
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def subject() -> SimulatedSubject:
+    """A 96x96 two-slice FLAIR subject, 8 coils (seed never used for training or tuning)."""
+    return simulate_subject(SimulationConfig(matrix=96, slices=2, coils=8, acceleration=4), seed=71, index=0)
+
+
+@pytest.fixture(scope="session")
+def truth(subject: SimulatedSubject) -> tuple[np.ndarray, np.ndarray]:
+    """(|truth| (slices, ny, nx), head mask)."""
+    mag = np.abs(subject.truth)
+    return mag, mag > 0.1 * mag.max()
+
+
+@pytest.fixture(scope="session")
+def corpus_files(subject: SimulatedSubject, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    return {
+        name: corpus.write_case(folder / f"{name}.h5", subject, layout(subject))
+        for name, layout in corpus.CASES.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def diffusion_settings() -> Iterator[None]:
+    """The shipped model with few steps, restored afterwards (the settings are process-wide)."""
+    saved = (methods.DIFFUSION.model_dir, dict(methods.DIFFUSION.overrides))
+    methods.configure_diffusion(model_dir=SHIPPED_MODEL, overrides=DIFFUSION_STEPS)
+    yield
+    methods.configure_diffusion(model_dir=saved[0], overrides=saved[1])
+
+
+@pytest.fixture(scope="module")
+def server(diffusion_settings: None) -> Iterator[StreamServer]:
+    srv = StreamServer(ServiceConfig(port=0, default_method="cg-sense", socket_timeout_s=120))
+    srv.start()
+    yield srv
+    srv.stop()
