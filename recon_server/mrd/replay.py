@@ -3,14 +3,20 @@
 Sends CONFIG_FILE (1), HEADER (3), an optional JSON TEXT (5) (``{"method": ...}``), every
 acquisition (bulk-read with :func:`recon_server.data.ismrmrd_io.read_raw`) and CLOSE, while a
 second thread reads the replies (IMAGE, TEXT, ERROR) until CLOSE, so an error the server
-reports mid-stream is not lost. Writes ``images.npy`` (float32, images x rows x cols, in
-arrival order) and ``images.h5`` (ISMRMRD images, group ``dataset/images``).
+reports mid-stream is not lost. Writes one float32 array per returned series,
+``images_<series>.npy`` (``sd_<series>.npy`` for SD maps; images x rows x cols, in arrival
+order; ``<series>`` is the images' ``image_series_index``), ``images.npy`` / ``sd.npy`` with
+all of them when they share one size, and ``images.h5`` (every ISMRMRD image: group
+``dataset/images``, or one group ``dataset/images_<series>`` per series when sizes differ).
+A server that closes without images and without an error raises :class:`NoImagesError`
+("the server returned no images"), not a server error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +36,10 @@ class ReplayError(RuntimeError):
     """The server reported an error (TEXT "ERR ..." or ERROR (8)) or the stream broke."""
 
 
+class NoImagesError(ReplayError):
+    """The server closed the stream properly, reported no error, and returned no images."""
+
+
 @dataclass
 class ReplayResult:
     images: list[wire.Image] = field(default_factory=list)
@@ -37,17 +47,72 @@ class ReplayResult:
     errors: list[str] = field(default_factory=list)
     closed: bool = False
     bytes_sent: int = 0
+    files: list[Path] = field(default_factory=list)  # what save_images wrote
 
     def magnitude(self, role: str = "Image") -> np.ndarray:
         """float32 ``(images, rows, cols)`` of the returned images whose meta ``DataRole`` is
-        ``role`` ("Image"; "Quantitative" for SD maps), first channel and z."""
+        ``role`` ("Image"; "Quantitative" for SD maps), first channel and z.
+
+        ReplayError when they differ in size (use :meth:`series` then)."""
         images = [im for im in self.images if _data_role(im) == role]
         if not images:
             return np.zeros((0, 0, 0), dtype=np.float32)
         shapes = {im.data.shape[-2:] for im in images}
         if len(shapes) != 1:
-            raise ReplayError(f"returned images differ in size: {sorted(shapes)}")
-        return np.stack([np.abs(im.data[0, 0]).astype(np.float32) for im in images])
+            raise ReplayError(f"returned images differ in size: {sorted(shapes)} (see series())")
+        return _stack(images)
+
+    def series(self, role: str = "Image") -> dict[str, np.ndarray]:
+        """One float32 ``(images, rows, cols)`` array per returned series of ``role``, keyed
+        by the ``image_series_index`` (``"<index>_<rows>x<cols>"`` if one series has images of
+        several sizes), in order of first arrival."""
+        return {name: _stack(images) for name, images in _series_groups(self.images, role).items()}
+
+
+def _series_groups(
+    images: list[wire.Image], role: str, *, by_dtype: bool = False
+) -> dict[str, list[wire.Image]]:
+    """The images of ``role`` by series index and size (and data type), named as in
+    :meth:`ReplayResult.series` (``_<dtype>`` appended where one series mixes data types)."""
+    groups: dict[tuple[int, tuple[int, ...], str], list[wire.Image]] = {}
+    for im in images:
+        if _data_role(im) == role:
+            dtype = im.data.dtype.str if by_dtype else ""
+            key = (int(im.head["image_series_index"]), tuple(im.data.shape), dtype)
+            groups.setdefault(key, []).append(im)
+    shapes: dict[int, set[tuple[int, ...]]] = {}
+    dtypes: dict[tuple[int, tuple[int, ...]], set[str]] = {}
+    for index, shape, dtype in groups:
+        shapes.setdefault(index, set()).add(shape)
+        dtypes.setdefault((index, shape), set()).add(dtype)
+    named: dict[str, list[wire.Image]] = {}
+    for (index, shape, dtype), members in groups.items():
+        name = str(index) if len(shapes[index]) == 1 else f"{index}_{shape[-2]}x{shape[-1]}"
+        if len(dtypes[index, shape]) > 1:
+            name += f"_{np.dtype(dtype).name}"
+        unique, n = name, 1
+        while unique in named:  # sizes that differ only in channels or z
+            n += 1
+            unique = f"{name}_{n}"
+        named[unique] = members
+    return named
+
+
+def _roles(images: list[wire.Image]) -> dict[str, str]:
+    """File prefix of each DataRole present: images (Image), sd (Quantitative), else the role."""
+    roles = {"Image": "images", "Quantitative": "sd"}
+    for im in images:
+        role = _data_role(im)
+        if role not in roles:
+            prefix = re.sub(r"[^a-z0-9]+", "_", role.lower()).strip("_") or "other"
+            while prefix in roles.values():
+                prefix += "_role"
+            roles[role] = prefix
+    return roles
+
+
+def _stack(images: list[wire.Image]) -> np.ndarray:
+    return np.stack([np.abs(im.data[0, 0]).astype(np.float32) for im in images])
 
 
 def _data_role(image: wire.Image) -> str:
@@ -125,20 +190,40 @@ def to_ismrmrd_images(images: list[wire.Image]) -> list[ismrmrd.Image]:
     ]
 
 
-def save_images(result: ReplayResult, out_dir: Path) -> Path:
-    """Write ``images.npy`` (and ``sd.npy`` when SD maps came back) and ``images.h5`` (every
-    image) into ``out_dir``; returns the path of ``images.npy``."""
+def save_images(result: ReplayResult, out_dir: Path) -> list[Path]:
+    """Write every returned image into ``out_dir`` and return the paths (also kept in
+    ``result.files``): ``images_<series>.npy`` per image series, ``sd_<series>.npy`` per SD
+    map series (``<role>_<series>.npy`` for other DataRoles), ``images.npy`` / ``sd.npy`` with all
+    of them when they share one size (a stale one from an earlier replay is removed otherwise),
+    and ``images.h5`` with every image (group ``images``, or when sizes differ one group per
+    series named like the ``.npy`` files)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    npy = out_dir / "images.npy"
-    np.save(npy, result.magnitude())
-    sd = result.magnitude("Quantitative")
-    if sd.size:
-        np.save(out_dir / "sd.npy", sd)
+    written: list[Path] = []
+    roles = _roles(result.images)
+    for role, prefix in roles.items():
+        for name, array in result.series(role).items():
+            path = out_dir / f"{prefix}_{name}.npy"
+            np.save(path, array)
+            written.append(path)
+        combined = out_dir / f"{prefix}.npy"
+        images = [im for im in result.images if _data_role(im) == role]
+        if images and len({im.data.shape[-2:] for im in images}) == 1:
+            np.save(combined, _stack(images))
+            written.append(combined)
+        else:
+            combined.unlink(missing_ok=True)
     if result.images:
         h5 = out_dir / "images.h5"
         h5.unlink(missing_ok=True)
-        ismrmrd_io.write_images(h5, to_ismrmrd_images(result.images))
-    return npy
+        if len({(im.data.shape, im.data.dtype) for im in result.images}) == 1:
+            ismrmrd_io.write_images(h5, to_ismrmrd_images(result.images))
+        else:  # an ISMRMRD image group holds one size: one group per series, named as the .npy
+            for role, prefix in roles.items():
+                for name, members in _series_groups(result.images, role, by_dtype=True).items():
+                    ismrmrd_io.write_images(h5, to_ismrmrd_images(members), name=f"{prefix}_{name}")
+        written.append(h5)
+    result.files = written
+    return written
 
 
 def replay_file(
@@ -152,7 +237,8 @@ def replay_file(
     config_name: str = "default",
     progress: bool = True,
 ) -> ReplayResult:
-    """Replay a raw file, save the images; ReplayError carrying the server's text on failure.
+    """Replay a raw file, save the images; ReplayError carrying the server's text on failure,
+    NoImagesError when the server closed without error and without images.
 
     ``method`` and ``samples`` (posterior samples: mean image + SD map) go to the server as the
     JSON TEXT message after the header.
@@ -170,6 +256,7 @@ def replay_file(
     if result.errors:
         raise ReplayError("; ".join(result.errors))
     if not result.images:
-        raise ReplayError("the server returned no images")
+        said = f" (it said: {'; '.join(result.texts)})" if result.texts else ""
+        raise NoImagesError(f"the server returned no images{said}")
     save_images(result, out_dir)
     return result

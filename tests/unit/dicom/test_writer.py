@@ -121,7 +121,7 @@ def test_pixels_window_and_marking(tmp_path, vol):
     # scanner's study and frame of reference, new series
     assert ds.StudyInstanceUID == vol.STUDY_UID
     assert ds.FrameOfReferenceUID == vol.FRAME_UID
-    assert ds.SeriesNumber == 701
+    assert ds.SeriesNumber == 740000  # scanner series 7, method slot 4 (dps), series index 0
     assert ds.AccessionNumber == "00A123"  # schema says int; leading zeros kept
     assert (ds.PatientSex, ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == (
         "F",
@@ -178,7 +178,7 @@ def test_uids_are_deterministic_and_follow_the_pixels(vol):
     assert changed[0].SeriesInstanceUID == a[0].SeriesInstanceUID
     assert not {d.SOPInstanceUID for d in changed} & {d.SOPInstanceUID for d in a}
     other = build_series(vol.make_volume(seed=1, series_index=1))
-    assert other[0].SeriesInstanceUID != a[0].SeriesInstanceUID and other[0].SeriesNumber == 702
+    assert other[0].SeriesInstanceUID != a[0].SeriesInstanceUID and other[0].SeriesNumber == 740001
     new_model = vol.make_volume(seed=1)
     new_model.provenance.model_version = "2024.04.0"
     assert build_series(new_model)[0].SeriesInstanceUID != a[0].SeriesInstanceUID
