@@ -12,7 +12,9 @@ Secrets do not have to live in the file: environment variables override the TLS 
 (:data:`ENV_TLS_PREFIX`), see :func:`tls_env_overrides`.
 
 Methods are chosen per contrast label (``FLAIR`` -> ``dps`` ...), falling back to
-``default_method``; a method named by the client (or ``recon --method``) beats both.
+``default_method``; a method named by the client (or ``recon --method``) beats both. When the
+chosen method fails on a scan (model missing, out of memory, ...), ``fallback_method``
+(``cg-sense``; ``None`` / ``"none"`` disables) reconstructs it instead (``pipeline``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy, TlsConfig
+from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
 from recon_server.mrd.wire import WireLimits
 
 DEFAULT_PORT = 9002
 # Posterior samples one scan may ask for (each costs a full diffusion reconstruction).
 MAX_POSTERIOR_SAMPLES = 32
 DEFAULT_HTTP_PORT = 9090
+DEFAULT_FALLBACK_METHOD = "cg-sense"
 MAX_CONFIG_BYTES = 1 << 20
 
 #: Methods that need a trained model (``recon.model_dir``). A registered method may also carry
@@ -59,6 +63,26 @@ def needs_model(method: str, known: Mapping[str, object] | None = None) -> bool:
     return method in MODEL_METHODS or bool(getattr(impl, "needs_model", False))
 
 
+def device_unavailable(device: str) -> str | None:
+    """Why torch cannot run on ``device`` on this host (one line), or None when it can.
+
+    ``serve`` refuses to start on such a device rather than fail every scan (docs/service.md).
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+            return f"CUDA is not available on this host ({build})"
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            return f"this host has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this host"
+    return None
+
+
 def _check_port(name: str, value: object, *, allow_zero: bool = True) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
@@ -72,6 +96,9 @@ class ServiceConfig:
     Port 0 asks the OS for a free port (tests). ``model_dir`` is the checkpoint directory the
     diffusion methods use; ``backend`` runs its denoiser on torch or ONNX Runtime
     (``onnx_file``, default ``model_dir/denoiser.onnx``, made by ``recon-server export-onnx``).
+    ``fallback_method`` reconstructs a scan whose method failed (None or ``"none"``: no fallback,
+    the scan fails). ``calibration_lines``: what calibration-only readouts are
+    (``mrd.assemble.CALIBRATION_LINE_MODES``: ``auto``, ``data``, ``calibration``).
     """
 
     host: str = "127.0.0.1"
@@ -81,6 +108,8 @@ class ServiceConfig:
     gadgetron_only: bool = False
     methods: Mapping[str, str] = field(default_factory=dict)
     default_method: str = "cg-sense"
+    fallback_method: str | None = DEFAULT_FALLBACK_METHOD
+    calibration_lines: str = "auto"
     device: str = "cpu"
     limits: WireLimits = field(default_factory=WireLimits)
     output_dir: Path | None = None
@@ -111,6 +140,9 @@ class ServiceConfig:
             raise ValueError(f"socket_timeout_s must be > 0, got {self.socket_timeout_s}")
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.calibration_lines not in CALIBRATION_LINE_MODES:
+            modes = ", ".join(CALIBRATION_LINE_MODES)
+            raise ValueError(f"calibration_lines must be one of {modes}, got {self.calibration_lines!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for contrast, method in self.methods.items():
@@ -121,6 +153,11 @@ class ServiceConfig:
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "onnx_providers", tuple(self.onnx_providers))
+        fallback = self.fallback_method
+        if fallback is not None and (not isinstance(fallback, str) or not fallback.strip()):
+            raise ValueError(f"fallback_method must be a method name or 'none', got {fallback!r}")
+        if fallback is not None and fallback.strip().lower() == "none":
+            object.__setattr__(self, "fallback_method", None)
 
     @property
     def resolved_onnx_file(self) -> Path | None:
@@ -139,14 +176,20 @@ class ServiceConfig:
         return {self.default_method, *self.methods.values()}
 
     def check_methods(self, known: Mapping[str, object]) -> None:
-        """ValueError if a configured method is not in the registry ``known``."""
+        """ValueError if a configured method (or the fallback) is not in the registry ``known``."""
         for name in self.configured_methods():
             if name not in known:
                 raise ValueError(f"unknown reconstruction method {name!r}; known: {sorted(known)}")
+        if self.fallback_method is not None and self.fallback_method not in known:
+            raise ValueError(
+                f"fallback_method: unknown reconstruction method {self.fallback_method!r}; "
+                f"known: {sorted(known)} (or 'none')"
+            )
 
     def check_model(self, known: Mapping[str, object] | None = None) -> None:
         """ValueError unless the model files the configured methods and backend need exist."""
-        wanting = sorted(m for m in self.configured_methods() if needs_model(m, known))
+        configured = self.configured_methods() | ({self.fallback_method} if self.fallback_method else set())
+        wanting = sorted(m for m in configured if needs_model(m, known))
         if self.model_dir is None:
             if wanting:
                 raise ValueError(f"model_dir is required by method(s) {wanting}")
@@ -199,7 +242,8 @@ class AppConfig:
             f"{f'{s.gadgetron_host}:{s.gadgetron_port}' if s.gadgetron_port is not None else 'off'}",
             f"device {s.device}, images {s.image_dtype}, up to {s.max_pending_scans} queued scans",
             f"methods: default {s.default_method}"
-            + "".join(f", {c} -> {m}" for c, m in sorted(s.methods.items())),
+            + "".join(f", {c} -> {m}" for c, m in sorted(s.methods.items()))
+            + f"; fallback {s.fallback_method or 'none'}",
             f"model: {s.model_dir or 'none'} (backend {s.backend}"
             + (f", {s.resolved_onnx_file}" if s.backend == "onnx" else "")
             + ")",
@@ -265,6 +309,8 @@ SERVER_FIELDS: dict[str, Conv] = {
 LIMIT_FIELDS: dict[str, Conv] = {f.name: _int for f in dataclasses.fields(WireLimits)}
 RECON_FIELDS: dict[str, Conv] = {
     "default_method": _str,
+    "fallback_method": _str,
+    "calibration_lines": _str,
     "model_dir": _str,
     "backend": _str,
     "onnx_file": _str,
@@ -451,6 +497,8 @@ def parse_config(
     )
     if known_methods is not None:
         named = [("recon.default_method", service.default_method)]
+        if service.fallback_method is not None:
+            named.append(("recon.fallback_method", service.fallback_method))
         named += [(f"recon.methods.{contrast}", method) for contrast, method in methods.items()]
         for where, method in named:
             if method not in known_methods:

@@ -26,12 +26,29 @@ magnitude over the samples, on the image's intensity scale, ``role="sd"``, serie
 ``DERIVED\\SECONDARY\\OTHER\\SD``. Every sink writes it like any volume (its own DICOM series).
 
 :class:`ReconWorker` serialises all reconstructions through one queue and thread (one GPU).
+
+Fallback (``reconstruct_all(..., fallback=...)``; the worker passes ``ServiceConfig.fallback_method``,
+``cg-sense`` by default): when the method raises one of :data:`FALLBACK_ERRORS` (model missing or
+failing to load, CUDA asked for without CUDA, out of memory, the method's own RuntimeError /
+ValueError), the scan is reconstructed again with the fallback method. Its volumes are marked:
+``provenance.method`` = the fallback, ``provenance.settings["fallback_from"]`` = the method that
+failed, ``settings["fallback_reason"]`` = one line (``"<class>: <Exception>: <message>"``, class
+from :func:`failure_class`), series description suffix ``" (fallback: <method>)"``. One warning
+line is logged and ``recon_server_fallbacks_total{method,fallback,reason}`` counts each scan the
+fallback delivered. The fallback runs on the CPU when the reason is ``cuda-unavailable`` or
+``out-of-memory``, else on the same device. Only when the fallback fails too does the scan fail
+(:class:`FallbackFailed`, naming both errors). An unknown method name is not a failure of the
+method: it raises ValueError before any work, without a fallback. A scan without calibration
+data (``KSpaceScan.acs == (0, 0)``) has no coil maps: ``zero-filled`` gives the root sum of squares,
+every other method raises :class:`NoCalibrationError`, and its fallback is ``zero-filled``
+(:data:`MAPLESS_METHOD`) whatever fallback is configured.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -43,9 +60,11 @@ import numpy as np
 import torch
 
 from recon_server import __version__
+from recon_server.config import DEFAULT_FALLBACK_METHOD
 from recon_server.mrd.assemble import parse_header
-from recon_server.recon import coils, noise
-from recon_server.recon.methods import ReconProblem, get_method, run_method
+from recon_server.ops import metrics as ops_metrics
+from recon_server.recon import classic, coils, noise
+from recon_server.recon.methods import MethodOutput, ReconProblem, get_method, run_method
 from recon_server.scan import ImageVolume, KSpaceScan, Provenance
 
 log = logging.getLogger(__name__)
@@ -56,6 +75,70 @@ SD_SERIES_OFFSET = 500
 SD_IMAGE_TYPE = ["DERIVED", "SECONDARY", "OTHER", "SD"]
 
 Sink = Callable[[ImageVolume], None]
+
+#: Exceptions of a method that make the fallback reconstruct the scan (torch.OutOfMemoryError is a
+#: RuntimeError; a missing model file is an OSError or a CheckpointError, a ValueError).
+FALLBACK_ERRORS: tuple[type[Exception], ...] = (RuntimeError, MemoryError, ValueError, OSError, ImportError)
+MAX_REASON_CHARS = 240
+
+
+class FallbackFailed(RuntimeError):
+    """The scan's method failed and its fallback method failed too."""
+
+
+class NoCalibrationError(ValueError):
+    """The scan has no calibration data: no coil maps, only the root sum of squares."""
+
+
+#: The one method that needs no coil maps (root sum of squares without calibration data); the
+#: fallback of a scan without calibration, whatever fallback is configured.
+MAPLESS_METHOD = "zero-filled"
+
+
+def failure_class(exc: BaseException) -> str:
+    """Short reason class of a method failure (a metric label): ``no-calibration``,
+    ``model-missing``, ``cuda-unavailable``, ``out-of-memory`` or ``error``."""
+    from recon_server.dpm.checkpoint import CheckpointError
+
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, NoCalibrationError):
+        return "no-calibration"
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in text:
+        return "out-of-memory"
+    cuda_words = ("not available", "no cuda gpus", "not compiled with cuda", "driver", "no kernel image")
+    if ("cuda" in text or "nvidia" in text) and any(word in text for word in cuda_words):
+        return "cuda-unavailable"
+    model_words = ("model directory", "model card", "weight file", "checkpoint", "card.json", "onnx")
+    if isinstance(exc, CheckpointError | FileNotFoundError | ImportError) or any(
+        w in text for w in model_words
+    ):
+        return "model-missing"
+    return "error"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: ``"<class>: <Exception>: <message>"`` (whitespace folded, bounded)."""
+    message = " ".join(str(exc).split())
+    line = f"{failure_class(exc)}: {type(exc).__name__}" + (f": {message}" if message else "")
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
+def fallback_note(provenance: Provenance) -> str:
+    """``"<configured> -> <fallback>: <reason>"`` for fallback volumes, else ``""``."""
+    settings = provenance.settings
+    if "fallback_from" not in settings:
+        return ""
+    return f"{settings['fallback_from']} -> {provenance.method}: {settings.get('fallback_reason', '')}"
+
+
+def mark_fallback(volume: ImageVolume, *, method: str, reason: str) -> ImageVolume:
+    """The volume marked as made by its (fallback) method instead of ``method`` (module docstring)."""
+    settings = {**volume.provenance.settings, "fallback_from": method, "fallback_reason": reason}
+    return dataclasses.replace(
+        volume,
+        provenance=dataclasses.replace(volume.provenance, settings=settings),
+        series_description=f"{volume.series_description} (fallback: {volume.provenance.method})",
+    )
 
 
 def _calibration(scan: KSpaceScan) -> np.ndarray:
@@ -92,16 +175,62 @@ def _window(magnitude: np.ndarray) -> tuple[float, float]:
 
 
 def reconstruct_all(
-    scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu", samples: int | None = None
+    scan: KSpaceScan,
+    *,
+    method: str,
+    device: str | torch.device = "cpu",
+    samples: int | None = None,
+    fallback: str | None = None,
 ) -> list[ImageVolume]:
     """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn.
 
     ``samples=None`` uses the configured number (``recon.methods.configure_diffusion``).
+    ``fallback``: the method that reconstructs the scan if ``method`` fails (module docstring);
+    None (or the same method): the failure is raised.
     """
     get_method(method)  # ValueError for unknown names, before any work
+    if fallback is not None:
+        get_method(fallback)
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    try:
+        return _reconstruct_all(scan, method=method, device=device, samples=samples)
+    except FALLBACK_ERRORS as exc:
+        if isinstance(exc, NoCalibrationError) and fallback is not None:
+            fallback = MAPLESS_METHOD
+        if fallback is None or fallback == method:
+            raise
+        reason = failure_reason(exc)
+        reason_class = failure_class(exc)
+        log.warning(
+            "measurement %s: method %s failed (%s); reconstructing with the fallback method %s",
+            scan.measurement_id or "-",
+            method,
+            reason,
+            fallback,
+        )
+        fallback_device: str | torch.device = device
+        if reason_class in ("cuda-unavailable", "out-of-memory"):
+            if reason_class == "out-of-memory" and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            fallback_device = "cpu"
+        try:
+            volumes = _reconstruct_all(scan, method=fallback, device=fallback_device, samples=samples)
+        except FALLBACK_ERRORS as exc2:
+            raise FallbackFailed(
+                f"method {method} failed ({reason}); the fallback {fallback} failed too: "
+                f"{type(exc2).__name__}: {' '.join(str(exc2).split())}"
+            ) from exc2
+    ops_metrics.fallback_used(method, fallback, reason_class)
+    return [mark_fallback(volume, method=method, reason=reason) for volume in volumes]
+
+
+def _reconstruct_all(
+    scan: KSpaceScan, *, method: str, device: str | torch.device, samples: int | None
+) -> list[ImageVolume]:
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {dev} requested but CUDA is not available on this host")
     t0 = time.perf_counter()
     kspace = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64)).to(dev)
     calib = torch.from_numpy(np.ascontiguousarray(_calibration(scan), dtype=np.complex64)).to(dev)
@@ -114,17 +243,27 @@ def reconstruct_all(
         calib = noise.prewhiten(calib, w)
         settings["prewhitened"] = True
     t1 = time.perf_counter()
-    maps, maps_name = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
-    settings["coil_maps"] = maps_name
-    t2 = time.perf_counter()
-    problem = ReconProblem(
-        kspace=kspace,
-        maps=maps,
-        mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)).to(dev),
-        acceleration=float(scan.acceleration),
-        contrast=scan.contrast,
-    )
-    out = run_method(method, problem, samples=samples)
+    if calib.shape[-2] == 0:  # no ACS lines and no fully sampled centre (KSpaceScan.acs == (0, 0))
+        if method != MAPLESS_METHOD:
+            raise NoCalibrationError(
+                f"no calibration data (no ACS lines and no fully sampled k-space centre): {method} "
+                f"needs coil maps; only {MAPLESS_METHOD} (root sum of squares) reconstructs this scan"
+            )
+        settings["coil_maps"] = "none (root sum of squares)"
+        t2 = time.perf_counter()
+        out = MethodOutput(image=classic.rss(kspace))
+    else:
+        maps, maps_name = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
+        settings["coil_maps"] = maps_name
+        t2 = time.perf_counter()
+        problem = ReconProblem(
+            kspace=kspace,
+            maps=maps,
+            mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)).to(dev),
+            acceleration=float(scan.acceleration),
+            contrast=scan.contrast,
+        )
+        out = run_method(method, problem, samples=samples)
     t3 = time.perf_counter()
     settings.update(out.settings)
     magnitude = out.image.abs().to(torch.float32).cpu().numpy()
@@ -190,8 +329,11 @@ class _Job:
 class ReconWorker:
     """One thread that runs every reconstruction in order (one device, bounded queue)."""
 
-    def __init__(self, *, device: str = "cpu", max_pending: int = 8) -> None:
+    def __init__(
+        self, *, device: str = "cpu", max_pending: int = 8, fallback: str | None = DEFAULT_FALLBACK_METHOD
+    ) -> None:
         self.device = device
+        self.fallback = fallback  # reconstructs a scan whose method failed (None: the scan fails)
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name="recon-worker", daemon=True)
         self._thread.start()
@@ -215,7 +357,14 @@ class ReconWorker:
                 continue
             try:
                 volumes = job.context.run(
-                    reconstruct_all, job.scan, method=job.method, device=self.device, samples=job.samples
+                    functools.partial(
+                        reconstruct_all,
+                        job.scan,
+                        method=job.method,
+                        device=self.device,
+                        samples=job.samples,
+                        fallback=self.fallback,
+                    )
                 )
                 job.future.set_result(volumes)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting connection

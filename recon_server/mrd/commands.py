@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,11 @@ from recon_server.config import (
     MAX_POSTERIOR_SAMPLES,
     AppConfig,
     ServiceConfig,
+    device_unavailable,
     load_config,
 )
 from recon_server.dicom.commands import add_output_args, output_config
+from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
 from recon_server.scan import ImageVolume
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONTRAST=METHOD",
         help="method for one contrast label (repeatable; added to the file's [recon.methods])",
     )
-    p.add_argument("--device", default=None, help="torch device for reconstruction (cpu)")
+    p.add_argument(
+        "--fallback-method",
+        default=None,
+        help="method that reconstructs a scan whose method failed, or 'none' (cg-sense)",
+    )
+    p.add_argument(
+        "--calibration-lines",
+        choices=CALIBRATION_LINE_MODES,
+        default=None,
+        help="calibration-only readouts: data as well, or calibration only (auto: data unless "
+        "calibrationMode is separate)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device for reconstruction (cpu); serve refuses to start on a device this host lacks",
+    )
     p.add_argument("--image-dtype", choices=["float32", "uint16"], default=None, help="(float32)")
     p.add_argument("--output-dir", type=Path, default=None, help="also save each volume here (.npy)")
     p.add_argument(
@@ -97,7 +116,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=options.port, default=DEFAULT_PORT)
-    p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for images_<series>.npy (one per series), images.npy (one size) and images.h5",
+    )
     p.add_argument("--method", default=None, help="ask the server for this method")
     p.add_argument(
         "--samples", type=_samples, default=None, help="ask for posterior samples (mean + SD map, sd.npy)"
@@ -127,6 +151,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="posterior samples of a diffusion method: mean image + SD map (sd.npy, a second series)",
     )
     p.add_argument("--onnx-file", type=Path, default=None, help="ONNX file for --backend onnx")
+    p.add_argument(
+        "--contrast", default=None, help="contrast label (FLAIR, T1, ...) when the header names none"
+    )
+    p.add_argument(
+        "--calibration-lines",
+        choices=CALIBRATION_LINE_MODES,
+        default="auto",
+        help="calibration-only lines: data as well (auto: unless calibrationMode is separate), "
+        "or calibration only (the pure imaging grid)",
+    )
     add_output_args(p)
     p.add_argument("--send-timeout", type=float, default=60.0, help="seconds to try sending to the PACS")
     p.set_defaults(func=cmd_recon)
@@ -149,6 +183,8 @@ _SERVE_OVERRIDES = {
     "gadgetron_port": "gadgetron_port",
     "gadgetron_host": "gadgetron_host",
     "method": "default_method",
+    "fallback_method": "fallback_method",
+    "calibration_lines": "calibration_lines",
     "device": "device",
     "image_dtype": "image_dtype",
     "output_dir": "output_dir",
@@ -221,6 +257,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = serve_config(args)
     config = app.service
+    problem = device_unavailable(config.device)
+    if problem is not None:
+        # One line, no traceback, before any port opens: a server that would fail every scan.
+        print(
+            f"recon-server serve: error: device {config.device!r}: {problem}; use --device cpu",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     # `recon-server --log-level` beats [ops] log_level unless left at its default (INFO).
     configure_logging(app.ops.log_format, args.log_level if args.log_level != "INFO" else app.ops.log_level)
     if app.source is not None:
@@ -235,7 +280,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if sender is not None:
             stoppers.append(functools.partial(sender.stop, 30.0))
         print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
-    worker = ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+    worker = ReconWorker(
+        device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+    )
     ops_server, _, stop_ops = start_ops(app, worker=worker, sender=sender)
     stoppers.append(stop_ops)
     if ops_server is not None and ops_server.address is not None:
@@ -263,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from recon_server.mrd.replay import ReplayError, replay_file
+    from recon_server.mrd.replay import NoImagesError, ReplayError, replay_file
 
     try:
         result = replay_file(
@@ -276,11 +323,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
             config_name=args.config_name,
             progress=not args.no_progress,
         )
+    except NoImagesError as exc:  # a clean CLOSE without images: not a server error
+        print(f"recon-server replay: {exc}")
+        log.error("%s", exc)
+        return 1
     except ReplayError as exc:
         print(f"recon-server replay: server error: {exc}")
         log.error("server error: %s", exc)
         return 1
-    print(f"recon-server replay: {len(result.images)} images -> {args.out / 'images.npy'}")
+    names = ", ".join(p.name for p in result.files)
+    print(f"recon-server replay: {len(result.images)} images -> {args.out} ({names})")
     return 0
 
 
@@ -311,7 +363,11 @@ def cmd_recon(args: argparse.Namespace) -> int:
     config = ServiceConfig(device=args.device)
     _configure_model(args)
     raw = ismrmrd_io.read_raw(args.file)
-    asm = Assembler(raw.header_xml)
+    asm = Assembler(
+        raw.header_xml,
+        config={"contrast": args.contrast} if args.contrast else None,
+        calibration_lines=args.calibration_lines,
+    )
     for head, data in zip(raw.acquisition_headers, raw.data, strict=True):
         asm.add_line(head, data)
     volumes = [

@@ -19,7 +19,10 @@ the gadget sends ERROR (8) with the message, which gadgetron-python cannot do, a
 ``Connection`` sends CLOSE as usual.
 
 Configuration properties read from the CONFIG XML (``<property name="method" value="..."/>``):
-``method`` (a registry name) and ``contrast`` (label override).
+``method`` (a registry name) and ``contrast`` (label override), parsed by
+:func:`recon_server.mrd.client_config.config_properties` (the stream server reads CONFIG_TEXT with
+the same parser). A method that fails falls back to ``ServiceConfig.fallback_method``
+(``pipeline.reconstruct_all``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import socket
 import struct
 import threading
 import time
-import xml.etree.ElementTree as ET
 from typing import Any
 
 from gadgetron.external import Connection
@@ -37,6 +39,7 @@ from gadgetron.external import Connection
 from recon_server.config import ServiceConfig
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.client_config import config_properties, requested_method
 from recon_server.mrd.server import volume_to_images
 from recon_server.ops import logs as ops_logs
 from recon_server.ops import metrics
@@ -46,17 +49,7 @@ from recon_server.scan import KSpaceScan
 
 log = logging.getLogger(__name__)
 
-
-def config_properties(config: ET.Element | None) -> dict[str, str]:
-    """``name -> value`` of every ``<property>`` in the external node's configuration XML."""
-    if config is None:
-        return {}
-    props = {}
-    for prop in config.iter("property"):
-        name, value = prop.get("name"), prop.get("value")
-        if name and value is not None:
-            props[name] = value
-    return props
+__all__ = ["GadgetronListener", "config_properties", "gadget", "handle_connection", "send_error"]
 
 
 def send_error(raw: Any, text: str) -> None:
@@ -70,7 +63,12 @@ def _run_direct(scans: list[KSpaceScan], method: str | None) -> list:
     return [
         volume
         for s in scans
-        for volume in reconstruct_all(s, method=method or config.method_for(s.contrast), device=config.device)
+        for volume in reconstruct_all(
+            s,
+            method=method or config.method_for(s.contrast),
+            device=config.device,
+            fallback=config.fallback_method,
+        )
     ]
 
 
@@ -80,6 +78,7 @@ def handle_connection(
     service: ReconService | None = None,
     limits: wire.WireLimits | None = None,
     image_dtype: str = "float32",
+    calibration_lines: str = "auto",
 ) -> None:
     """Read one Gadgetron stream, reconstruct, send images; ERROR (8) on failure. CLOSE is
     sent by ``Connection.__exit__``."""
@@ -89,11 +88,13 @@ def handle_connection(
     try:
         t0 = time.perf_counter()
         props = config_properties(conn.config)
-        method = props.get("method")
-        if method is not None and method not in METHODS:
-            raise ValueError(f"unknown reconstruction method {method!r}; known: {sorted(METHODS)}")
+        method = requested_method(props)  # ClientConfigError (a ValueError) for an unknown one
         header = bytes(conn.raw_bytes.header).decode("utf-8", errors="replace")
-        asm = Assembler(header, config={"contrast": props["contrast"]} if "contrast" in props else None)
+        asm = Assembler(
+            header,
+            config={"contrast": props["contrast"]} if "contrast" in props else None,
+            calibration_lines=calibration_lines,
+        )
         ops_logs.set_measurement(asm.measurement_id)
         while True:
             msg = reader.read_message()
@@ -162,7 +163,9 @@ class GadgetronListener:
             raise ValueError("ServiceConfig.gadgetron_port is not set")
         config.check_methods(METHODS)
         self.config = config
-        self.worker = worker or ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+        self.worker = worker or ReconWorker(
+            device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+        )
         self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=sinks)
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -217,7 +220,11 @@ class GadgetronListener:
             return
         with conn:
             handle_connection(
-                conn, service=self.service, limits=self.config.limits, image_dtype=self.config.image_dtype
+                conn,
+                service=self.service,
+                limits=self.config.limits,
+                image_dtype=self.config.image_dtype,
+                calibration_lines=self.config.calibration_lines,
             )
 
     def stop(self) -> None:

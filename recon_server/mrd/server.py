@@ -3,13 +3,25 @@
 Speaks to ``gadgetron_ismrmrd_client``, ismrmrd-python's ProtocolSerializer and Siemens
 FIRE / OpenRecon clients. One stream, one scan session::
 
-    client -> server   CONFIG_FILE (1) or CONFIG_TEXT (2)   optional
+    client -> server   CONFIG_FILE (1) or CONFIG_TEXT (2)   optional (XML <property> or JSON)
                        HEADER (3)                             ISMRMRD XML
-                       TEXT (5)                               optional JSON ("method", "contrast")
+                       TEXT (5)                               optional JSON ("method", "contrast",
+                                                              or FIRE's {"parameters": {...}})
                        ACQUISITION (1008) / WAVEFORM (1026, ignored) / RECON_DATA (1023) ...
                        CLOSE (4)
     server -> client   IMAGE (1022) per slice, float32 or uint16 magnitude, meta XML
                        CLOSE (4)
+
+Client configuration conventions: :mod:`recon_server.mrd.client_config`. A configuration the
+server cannot run (an unknown ``method``, ``samples`` out of range) is answered with ``ERR`` as
+soon as it arrives, before the readouts are uploaded, and such a stream is not kept as a failed
+scan. A CONFIG_FILE name that is not a method is logged as a warning naming the method used.
+
+Returned images carry, as Gadgetron's do, the readouts' ``measurement_uid``, each slice's
+position and directions, ``patient_table_position``, ``acquisition_time_stamp`` and
+``physiology_time_stamp`` (of the slice's first imaging readout). Images a fallback method made
+(``pipeline``) carry meta ``Fallback`` = ``"<configured> -> <fallback>: <reason>"`` and
+``ImageComments``.
 
 Errors: the server logs one line, sends ``TEXT "ERR <message>"`` (every client above reads
 TEXT; FIRE treats the ``ERR`` prefix as an error level, gadgetron_ismrmrd_client prints it),
@@ -35,10 +47,17 @@ from recon_server.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
 from recon_server.data import ismrmrd_io
 from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
-from recon_server.mrd.assemble import Assembler, parse_config_text
+from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.client_config import (
+    ClientConfigError,
+    json_options,
+    requested_method,
+    text_options,
+    unknown_config_names,
+)
 from recon_server.ops import logs as ops_logs
 from recon_server.ops import metrics
-from recon_server.pipeline import ReconService, ReconWorker, Sink
+from recon_server.pipeline import ReconService, ReconWorker, Sink, fallback_note
 from recon_server.recon.methods import METHODS
 from recon_server.scan import ImageVolume
 
@@ -57,11 +76,25 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
     prov = volume.provenance
     settings = json.dumps(prov.settings, sort_keys=True, default=str)
     model = {"ModelName": prov.model_name, "ModelVersion": prov.model_version} if prov.model_name else {}
+    note = fallback_note(prov)
+    fallback = (
+        {
+            "Fallback": note,
+            "ImageComments": f"Fallback reconstruction ({prov.method}): "
+            f"{prov.settings['fallback_from']} failed: {prov.settings.get('fallback_reason', '')}",
+        }
+        if note
+        else {}
+    )
     for i, geom in enumerate(volume.geometry):
         head = wire.new_image_head()
+        head["measurement_uid"] = volume.measurement_uid
         head["field_of_view"] = geom.fov_mm
         head["position"], head["read_dir"] = geom.position, geom.read_dir
         head["phase_dir"], head["slice_dir"] = geom.phase_dir, geom.slice_dir
+        head["patient_table_position"] = geom.table_position
+        head["acquisition_time_stamp"] = geom.acquisition_time_stamp
+        head["physiology_time_stamp"] = geom.physiology_time_stamp
         head["slice"] = geom.slice_index
         head["image_type"] = ismrmrd.IMTYPE_MAGNITUDE
         head["image_index"] = i + 1
@@ -80,6 +113,7 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
                 "ReconSettings": settings,
                 "Contrast": volume.contrast,
                 **model,
+                **fallback,
             }
         )
         images.append(wire.Image(head=head, meta_xml=meta.serialize(), data=data[i][None, None]))
@@ -87,51 +121,72 @@ def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wir
 
 
 def samples_override(options: dict) -> int | None:
-    """Posterior samples asked for by the client's JSON (``{"samples": 8}``), bounded."""
+    """Posterior samples asked for by the client's JSON (``{"samples": 8}``, a JSON integer), bounded."""
     value = options.get("samples")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_POSTERIOR_SAMPLES:
-        raise ValueError(f"samples must be an integer in 1..{MAX_POSTERIOR_SAMPLES}, got {value!r}")
+        raise ClientConfigError(f"samples must be an integer in 1..{MAX_POSTERIOR_SAMPLES}, got {value!r}")
     return value
 
 
 def method_override(config_name: str, options: dict) -> str | None:
-    """A method named by the client: JSON ``{"method": ...}`` or a CONFIG_FILE equal to a method."""
-    name = options.get("method") or (config_name if config_name in METHODS else None)
-    if name is None:
-        return None
-    if name not in METHODS:
-        raise ValueError(f"unknown reconstruction method {name!r}; known: {sorted(METHODS)}")
-    return str(name)
+    """A method named by the client (:func:`recon_server.mrd.client_config.requested_method`)."""
+    return requested_method(options, config_name)
+
+
+MAX_CONFIG_MESSAGES = 16  # CONFIG / TEXT messages accepted before the HEADER
 
 
 class StreamSession:
-    """Reads one client stream into scans: config, header, optional JSON, readouts, CLOSE."""
+    """Reads one client stream into scans: config, header, optional JSON, readouts, CLOSE.
 
-    def __init__(self, reader: wire.WireReader, *, keep_acquisitions: bool = False) -> None:
+    The client's choice (``method``, ``samples``) is checked as each configuration message
+    arrives: :class:`ClientConfigError` ends the stream there, before the readouts.
+    """
+
+    def __init__(
+        self, reader: wire.WireReader, *, keep_acquisitions: bool = False, calibration_lines: str = "auto"
+    ) -> None:
         self.reader = reader
+        self.calibration_lines = calibration_lines
         self.config_name = ""
         self.options: dict = {}
+        self.method: str | None = None
+        self.samples: int | None = None
         self.assembler: Assembler | None = None
         self.header_xml = ""
         # With keep_acquisitions, every readout is also kept as it arrived, so that a scan whose
         # reconstruction fails can be written to disk and replayed later (not lost).
         self.acquisitions: list[wire.Acquisition] | None = [] if keep_acquisitions else None
 
+    def _configure(self, options: dict | None = None) -> None:
+        if options:
+            self.options.update(options)
+            if self.assembler is not None:
+                self.assembler.config = self.options
+        self.method = requested_method(self.options, self.config_name)
+        self.samples = samples_override(self.options)
+
     def read(self) -> Assembler:
         reader = self.reader
         msg = reader.read_message()
-        if isinstance(msg, wire.ConfigFile):
-            self.config_name = msg.name
-            msg = reader.read_message()
-        elif isinstance(msg, wire.ConfigText):
-            self.config_name = "config-text"
+        for _ in range(MAX_CONFIG_MESSAGES):
+            if isinstance(msg, wire.ConfigFile):
+                self.config_name = msg.name.strip().rstrip("\0").strip()
+                self._configure()
+            elif isinstance(msg, wire.ConfigText):
+                self.config_name = "config-text"
+                self._configure(text_options(msg.text))
+            elif isinstance(msg, wire.Text):
+                self._configure(json_options(msg.text))
+            else:
+                break
             msg = reader.read_message()
         if not isinstance(msg, wire.Header):
             raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
         self.header_xml = msg.xml
-        asm = Assembler(msg.xml)
+        asm = Assembler(msg.xml, config=self.options, calibration_lines=self.calibration_lines)
         ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
         self.assembler = asm
         while True:
@@ -146,8 +201,7 @@ class StreamSession:
                 continue
             elif isinstance(msg, wire.Text):
                 if asm.n_lines == 0:
-                    self.options.update(parse_config_text(msg.text))
-                    asm.config = self.options
+                    self._configure(json_options(msg.text))
             elif isinstance(msg, wire.ReconData):
                 asm.add_recon_data(msg)
             else:
@@ -162,7 +216,9 @@ class StreamServer:
     ):
         config.check_methods(METHODS)
         self.config = config
-        self.worker = worker or ReconWorker(device=config.device, max_pending=config.max_pending_scans)
+        self.worker = worker or ReconWorker(
+            device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+        )
         self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=list(sinks))
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -200,11 +256,13 @@ class StreamServer:
             self._sock.close()
         self.worker.close()
 
-    def _keep_failed(self, session: StreamSession) -> Path | None:
+    def _keep_failed(self, session: StreamSession, exc: Exception) -> Path | None:
         """Write what arrived of a failed scan as an ISMRMRD raw file (if configured and any came)."""
         folder = self.config.failed_scans_dir
         if folder is None or not session.header_xml or not session.acquisitions:
             return None
+        if isinstance(exc, ClientConfigError):
+            return None  # a configuration the server refused, not a failed scan
         measurement = session.assembler.measurement_id if session.assembler else ""
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{measurement or 'scan'}-{threading.get_ident()}.h5"
         path = folder / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
@@ -224,16 +282,29 @@ class StreamServer:
         log.warning("failed scan kept: %s (%d readouts; replay it with recon-server replay)", path, len(acqs))
         return path
 
+    def _warn_unknown_config(self, session: StreamSession, scans: Sequence[object]) -> None:
+        """One warning when the client named a configuration that is not a method here."""
+        names = unknown_config_names(session.options, session.config_name)
+        if names:
+            used = sorted({self.config.method_for(getattr(scan, "contrast", "")) for scan in scans})
+            log.warning(
+                "configuration %s is not a reconstruction method of this server; using %s instead",
+                " / ".join(repr(n) for n in names),
+                ", ".join(used) or self.config.default_method,
+            )
+
     @staticmethod
     def _report_failure(
         writer: wire.WireWriter, peer: object, exc: Exception, kept: Path | None = None
     ) -> None:
         """Count and log the failure, then tell the peer (TEXT ``ERR ...`` + CLOSE) if it still listens."""
         metrics.stream_failed("mrd", exc)
-        log.error("stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+        # A refused configuration reads "ERR ValueError: ..." on the wire, as it always has.
+        name = "ValueError" if isinstance(exc, ClientConfigError) else type(exc).__name__
+        log.error("stream from %s failed: %s: %s", peer, name, exc)
         note = f" (raw data kept on the server as {kept.name})" if kept else ""
         try:
-            writer.send(wire.Text(f"ERR {type(exc).__name__}: {exc}{note}"), flush=False)
+            writer.send(wire.Text(f"ERR {name}: {exc}{note}"), flush=False)
             writer.send(wire.Close())
         except OSError as send_exc:
             log.info("could not report the error to %s: %s", peer, send_exc)
@@ -247,13 +318,18 @@ class StreamServer:
         conn.settimeout(self.config.socket_timeout_s)
         reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20), self.config.limits)
         writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
-        session = StreamSession(reader, keep_acquisitions=self.config.failed_scans_dir is not None)
+        session = StreamSession(
+            reader,
+            keep_acquisitions=self.config.failed_scans_dir is not None,
+            calibration_lines=self.config.calibration_lines,
+        )
         try:
             t0 = time.perf_counter()
             asm = session.read()
-            method = method_override(session.config_name, session.options)
-            samples = samples_override(session.options)
+            method, samples = session.method, session.samples
             scans = asm.finish()
+            if method is None:
+                self._warn_unknown_config(session, scans)
             metrics.scans_received(
                 "mrd",
                 scans=len(scans),
@@ -281,10 +357,10 @@ class StreamServer:
                 count,
             )
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
-            self._report_failure(writer, peer, exc, self._keep_failed(session))
+            self._report_failure(writer, peer, exc, self._keep_failed(session, exc))
         except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
             log.exception("stream from %s: internal error", peer)
-            self._report_failure(writer, peer, exc, self._keep_failed(session))
+            self._report_failure(writer, peer, exc, self._keep_failed(session, exc))
         finally:
             for stream in (reader.stream, writer.stream):
                 try:

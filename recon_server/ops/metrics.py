@@ -290,6 +290,12 @@ STAGES = REGISTRY.histogram(
     "method's own stages (from the volume's provenance), output:<sink>, send.",
     ("stage",),
 )
+FALLBACKS = REGISTRY.counter(
+    "recon_server_fallbacks_total",
+    "Scans whose configured method failed and that were reconstructed with the fallback method, "
+    "by configured method, fallback and reason (model-missing, cuda-unavailable, out-of-memory, error).",
+    ("method", "fallback", "reason"),
+)
 INFO = REGISTRY.gauge(
     "recon_server_info",
     "Constant 1, labelled with the version, backend and inference provider.",
@@ -358,6 +364,11 @@ def stream_done(listener: str, *, images: int, send_seconds: float) -> None:
     IMAGES.inc(images, listener=listener)
     STAGES.observe(send_seconds, stage="send")
     STREAMS.inc(listener=listener, outcome="ok")
+
+
+def fallback_used(method: str, fallback: str, reason: str) -> None:
+    """A scan's configured ``method`` failed (``reason`` class) and ``fallback`` made its images."""
+    FALLBACKS.inc(method=method, fallback=fallback, reason=reason)
 
 
 def stream_failed(listener: str, exc: BaseException) -> None:

@@ -9,17 +9,23 @@ maximum-likelihood one.
 Scaling convention: ``Psi`` is estimated per sample of the noise scan,
 ``Psi = noise noise^H / samples`` (zero-mean noise assumed, no mean subtracted), so whitened
 noise has unit variance per complex sample (``E|n_w|^2 = 1``) *at the noise scan's own sampling
-bandwidth*. No receiver-bandwidth correction is applied here: if the noise scan's dwell time
-differs from the imaging scan's, scale the whitening matrix by ``sqrt(dwell_noise / dwell_data)``
-(Gadgetron's NoiseAdjust convention) before :func:`prewhiten`.
+bandwidth*. No receiver-bandwidth correction is applied here: when the noise scan's dwell time
+differs from the imaging scan's, the assembler has already scaled the noise samples by
+``sqrt(dwell_noise / dwell_imaging)`` (noise variance per sample goes with the bandwidth,
+1/dwell), so the whitened imaging noise has unit variance.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["noise_covariance", "prewhiten", "whitening_matrix"]
+from recon_server.recon.sense import as_mask
+
+__all__ = ["noise_covariance", "noise_level", "prewhiten", "whitening_matrix"]
 
 _CONDITION_LIMIT = 1e10  # max/min eigenvalue ratio beyond which the covariance counts as singular
 
@@ -82,3 +88,37 @@ def prewhiten(kspace: Tensor, whitening: Tensor) -> Tensor:
         raise ValueError("k-space contains NaN or inf")
     w = whitening.to(device=kspace.device, dtype=kspace.dtype if kspace.is_complex() else torch.complex64)
     return torch.einsum("cd,...dyx->...cyx", w, kspace.to(w.dtype))
+
+
+#: The k-space periphery used by :func:`noise_level`: samples beyond this fraction of the
+#: maximum frequency along both axes (the corners), where an image's signal is far below noise.
+PERIPHERY = 0.8
+#: Fewer measured corner samples than this: the outer band along the readout is used instead.
+MIN_PERIPHERY_SAMPLES = 2048
+
+
+def noise_level(kspace: Tensor, mask: Tensor | np.ndarray) -> Tensor:
+    """Per-slice noise standard deviation ``(slices,)`` of one complex k-space sample, from the data.
+
+    For scans without a noise measurement. The corners of the measured k-space (beyond
+    :data:`PERIPHERY` of the maximum frequency in both ky and kx) hold almost only noise;
+    ``|n|^2`` of complex Gaussian noise is exponential with median ``sigma^2 ln 2``, so
+    ``sigma = sqrt(median |y|^2 / ln 2)`` over coils and corner samples (the median ignores the
+    few samples where signal remains). Measured on Colin27 slices, 12 coils, R 2-6, SNR
+    10-300 (p99 / sigma): within 7% of the true sigma (docs/recon.md). ``kspace``
+    ``(slices, coils, ky, kx)``; ``mask`` as :func:`recon_server.recon.sense.as_mask` takes it.
+    """
+    s, _, ky, kx = kspace.shape
+    m = as_mask(mask, s, ky, kx, device=kspace.device)[:, 0] > 0  # (slices or 1, ky, kx)
+    fy = (torch.arange(ky, device=kspace.device) - ky // 2).abs() / (ky / 2)
+    fx = (torch.arange(kx, device=kspace.device) - kx // 2).abs() / (kx / 2)
+    corners = (fy[:, None] > PERIPHERY) & (fx[None, :] > PERIPHERY)
+    region = m & corners
+    if int(region[0].sum()) * kspace.shape[1] < MIN_PERIPHERY_SAMPLES:
+        region = m & (fx[None, :] > PERIPHERY)  # e.g. few measured outer lines
+    if not bool(region.any()):
+        raise ValueError("no measured k-space sample in the periphery: cannot estimate the noise level")
+    power = kspace.abs().square()  # (slices, coils, ky, kx)
+    region = region.expand(s, ky, kx)
+    levels = [power[i][:, region[i]].median() for i in range(s)]
+    return torch.sqrt(torch.stack(levels).to(torch.float32) / math.log(2))

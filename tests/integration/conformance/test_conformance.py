@@ -10,16 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+import ismrmrd
 import numpy as np
 import pytest
 
 from recon_server import cli, pipeline
+from recon_server.config import ServiceConfig
 from recon_server.data import ismrmrd_io
 from recon_server.data.acquire import SimulatedSubject
 from recon_server.metrics import nrmse
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.oversampling import remove_readout_oversampling
-from recon_server.mrd.replay import stream_scan
+from recon_server.mrd.replay import ReplayResult, stream_scan
 from recon_server.mrd.server import StreamServer
 from recon_server.scan import KSpaceScan
 
@@ -128,8 +130,13 @@ def test_partial_fourier_asymmetric_echo_averages_slice_order_noise_dwell(
 
 
 def _through_server(server: StreamServer, path: Path, method: str) -> tuple[np.ndarray, list[str]]:
+    result = _replay(server, path, method)
+    return result.magnitude(), result.errors
+
+
+def _replay(server: StreamServer, path: Path, method: str) -> ReplayResult:
     assert server.address is not None
-    result = stream_scan(
+    return stream_scan(
         ismrmrd_io.read_raw(path),
         host=server.address[0],
         port=server.address[1],
@@ -137,7 +144,6 @@ def _through_server(server: StreamServer, path: Path, method: str) -> tuple[np.n
         progress=False,
         timeout_s=120,
     )
-    return result.magnitude(), result.errors
 
 
 def test_every_method_through_serve_and_replay(
@@ -146,10 +152,10 @@ def test_every_method_through_serve_and_replay(
     server: StreamServer,
     truth: tuple[np.ndarray, np.ndarray],
 ) -> None:
+    if case == "no-calibration":
+        pytest.skip("test_no_calibration_at_all: no coil maps, other expectations")
     for method in METHODS:
         images, errors = _through_server(server, corpus_files[case], method)
-        if case == "no-calibration":
-            continue  # test_no_calibration_at_all
         assert not errors, (case, method, errors)
         assert images.shape == truth[0].shape, (case, method)
         assert _error(images, truth) < NRMSE_BOUND[method], (case, method, _error(images, truth))
@@ -193,3 +199,48 @@ def test_every_measured_line_improves_on_the_imaging_grid(
         with_all = _error(pipeline.reconstruct(every, method=method).magnitude, truth)
         imaging_only = _error(pipeline.reconstruct(grid, method=method).magnitude, truth)
         assert with_all < imaging_only, (method, with_all, imaging_only)
+
+
+def test_no_calibration_at_all(
+    corpus_files: dict[str, Path],
+    server: StreamServer,
+    truth: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No ACS lines and no fully sampled centre: root sum of squares, marked, instead of nothing."""
+    path = corpus_files["no-calibration"]
+    for method in METHODS:
+        result = _replay(server, path, method)
+        assert not result.errors, (method, result.errors)
+        images = result.magnitude()
+        assert images.shape == truth[0].shape
+        # R=2 without coil maps: the aliased root sum of squares, far from the truth but the anatomy.
+        assert _error(images, truth) < 0.6, (method, _error(images, truth))
+        meta = ismrmrd.Meta.deserialize(result.images[0].meta_xml)
+        if method == "zero-filled":
+            assert "Fallback" not in meta
+        else:
+            assert meta["Fallback"].startswith(f"{method} -> zero-filled: no-calibration:"), meta["Fallback"]
+    assert cli.main(["recon", str(path), "--out", str(tmp_path / "zf"), "--method", "zero-filled"]) == 0
+    caplog.clear()
+    assert cli.main(["recon", str(path), "--out", str(tmp_path / "cg"), "--method", "cg-sense"]) != 0
+    assert "no calibration data (no ACS lines and no fully sampled k-space centre)" in caplog.text
+
+
+def test_pure_imaging_grid_is_a_service_setting(
+    corpus_files: dict[str, Path], truth: tuple[np.ndarray, np.ndarray]
+) -> None:
+    path = corpus_files["embedded-scanner-flags"]
+    grid = _scan(path, calibration_lines="calibration")
+    expected = _error(pipeline.reconstruct(grid, method="cg-sense").magnitude, truth)
+    server = StreamServer(ServiceConfig(port=0, calibration_lines="calibration", socket_timeout_s=60))
+    server.start()
+    try:
+        images, errors = _through_server(server, path, "cg-sense")
+    finally:
+        server.stop()
+    assert not errors
+    assert _error(images, truth) == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="calibration_lines must be one of auto, data, calibration"):
+        ServiceConfig(calibration_lines="imaging")

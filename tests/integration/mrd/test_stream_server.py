@@ -211,11 +211,18 @@ def test_replay_cli_and_offline_recon(server: StreamServer, shepp_full: Path, tm
 def test_failed_scan_is_kept_and_replays(
     shepp_truth, server: StreamServer, shepp_full: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A scan whose reconstruction fails (here: the diffusion model is missing) is not lost."""
+    """A scan whose reconstruction fails (here: the diffusion model is missing and the fallback
+    is off) is not lost."""
     monkeypatch.setenv(methods.MODEL_DIR_ENV, str(tmp_path / "no-model"))
     kept_dir = tmp_path / "failed"
     failing = StreamServer(
-        ServiceConfig(port=0, default_method="dps-fast", failed_scans_dir=kept_dir, socket_timeout_s=30)
+        ServiceConfig(
+            port=0,
+            default_method="dps-fast",
+            fallback_method="none",
+            failed_scans_dir=kept_dir,
+            socket_timeout_s=30,
+        )
     )
     failing.start()
     try:
