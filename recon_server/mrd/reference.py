@@ -139,8 +139,13 @@ def onto_imaging_grid(
     yy = (np.arange(ny) - ny // 2) * (fov_mm[1] / ny) / (space.fov_mm[1] / ref_ny) + ref_ny // 2
     xx = (np.arange(nx) - nx // 2) * (fov_mm[0] / nx) / (space.fov_mm[0] / ref_nx) + ref_nx // 2
     coords = np.stack(np.meshgrid(yy, xx, indexing="ij"))
-    # Orthonormal transforms: a pixel of another size carries another amplitude per sample.
-    gain = math.sqrt((ref_ny * ref_nx) / (ny * nx))
+    # Orthonormal transforms of the same measured signal: an image pixel carries FOV / sqrt(n) of
+    # the object per axis, so the reference's coil images are rescaled to the imaging grid's.
+    gain = (
+        (fov_mm[0] / space.fov_mm[0])
+        * (fov_mm[1] / space.fov_mm[1])
+        * math.sqrt((ref_ny * ref_nx) / (ny * nx))
+    )
     for c in range(coils):
         re = ndimage.map_coordinates(images[c].real, coords, order=1, cval=0.0)
         im = ndimage.map_coordinates(images[c].imag, coords, order=1, cval=0.0)
