@@ -97,15 +97,35 @@ def make_uid(root: str, *parts: object) -> str:
 
 # ---- text sanitising (VR limits) --------------------------------------------------------
 
+#: The datasets' SpecificCharacterSet and its Python codec: VR length limits count bytes in it.
+CHARACTER_SET, ENCODING = "ISO_IR 192", "utf-8"
+#: Bidirectional controls: they reorder what a viewer displays (a name or description could be
+#: shown as something else); removed from every string written.
+BIDI_CONTROLS = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode(ENCODING))
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes in :data:`ENCODING`, at a character boundary."""
+    raw = text.encode(ENCODING)
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode(ENCODING, errors="ignore")  # drops only the cut character's bytes
+
 
 def _text(value: object, limit: int, what: str) -> str:
-    """LO/SH/CS text: no backslash or control characters, at most ``limit`` characters."""
+    """LO/SH/CS text: no backslash, control or bidi characters, at most ``limit`` bytes in the
+    dataset's character set (ISO_IR 192: UTF-8), never cut inside a character."""
     if value is None:
         return ""
-    text = re.sub(r"[\x00-\x1f\x7f\\]", " ", str(value)).strip()
-    if len(text) > limit:
-        log.warning("%s truncated to %d characters: %r", what, limit, text)
-        text = text[:limit].rstrip()
+    text = BIDI_CONTROLS.sub("", _CONTROLS.sub(" ", str(value))).strip()
+    if _nbytes(text) > limit:
+        log.warning("%s truncated to %d bytes: %r", what, limit, text)
+        text = _fit(text, limit).rstrip()
     return text
 
 
@@ -117,14 +137,14 @@ def _person_name(value: str | None, what: str) -> str:
     """
     if not value:
         return ""
-    text = re.sub(r"[\x00-\x1f\x7f\\=]", " ", value).strip()
+    text = BIDI_CONTROLS.sub("", re.sub(r"[\x00-\x1f\x7f-\x9f\\=]", " ", value)).strip()
     parts = [p.strip() for p in text.split("^")][:5]
-    while len("^".join(parts)) > 64:
-        longest = max(range(len(parts)), key=lambda k: len(parts[k]))
-        excess = len("^".join(parts)) - 64
-        parts[longest] = parts[longest][: max(1, len(parts[longest]) - excess)].rstrip()
-        if len(parts[longest]) <= 1 and len("^".join(parts)) > 64:
-            parts.pop()  # pathological: many one-letter components
+    while _nbytes("^".join(parts)) > 64:  # 64 bytes in the character set, as for _text
+        longest = max(range(len(parts)), key=lambda k: _nbytes(parts[k]))
+        excess = _nbytes("^".join(parts)) - 64
+        parts[longest] = _fit(parts[longest], max(0, _nbytes(parts[longest]) - excess)).rstrip()
+        if not parts[longest] and _nbytes("^".join(parts)) > 64:
+            parts.pop(longest)  # pathological: many short components
     name = "^".join(parts).rstrip("^")
     if name != text:
         log.warning("%s sanitised to DICOM PN limits: %r -> %r", what, text, name)
@@ -190,13 +210,13 @@ def dicom_series_description(volume: ImageVolume) -> str:
     base = _text(volume.series_description, 64, "series description")
     if base.endswith(suffix):
         base = base[: -len(suffix)]
-    room = 64 - len(suffix)
+    room = 64 - _nbytes(suffix)  # LO: 64 bytes in ISO_IR 192
     cut = base.rfind(" (fallback")
-    if len(base) > room and cut > 0 and volume.provenance.settings.get("fallback_from"):
+    if _nbytes(base) > room and cut > 0 and volume.provenance.settings.get("fallback_from"):
         # shorten the protocol name, not the pipeline's fallback suffix
         head, tail = base[:cut], base[cut:]
-        base = head[: max(1, room - len(tail))].rstrip() + tail
-    return base[:room].rstrip() + suffix
+        base = _fit(head, max(1, room - _nbytes(tail))).rstrip() + tail
+    return _fit(base, room).rstrip() + suffix
 
 
 def fallback_note(volume: ImageVolume) -> str:
@@ -433,7 +453,7 @@ def _series_base(
     """Attributes shared by every image of the series."""
     prov = volume.provenance
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = CHARACTER_SET
     ds.SOPClassUID = MRImageStorage
     ds.InstanceCreationDate = when.strftime("%Y%m%d")
     ds.InstanceCreationTime = when.strftime("%H%M%S")
@@ -486,7 +506,7 @@ def _series_base(
     ds.AcquisitionDate = header.series_date or header.study_date
     ds.AcquisitionTime = header.series_time or header.study_time
     ds.AcquisitionNumber = 1
-    ds.DerivationDescription = _derivation(volume)[:1024]
+    ds.DerivationDescription = _fit(_derivation(volume), 1024)  # ST: 1024 bytes
     comments = [_derivation(volume)]
     fallback = fallback_note(volume)
     if fallback:
@@ -495,7 +515,7 @@ def _series_base(
         comments.append(GENERATED_STUDY_UID_NOTE)
     if ident.patient_id_missing:
         comments.append(MISSING_PATIENT_ID_NOTE)
-    ds.ImageComments = "; ".join(comments)[:10240]
+    ds.ImageComments = _fit("; ".join(comments), 10240)  # LT: 10240 bytes
     # Image Pixel
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -577,7 +597,7 @@ def _contributing(
     proc.ManufacturerModelName = _text(prov.model_name or prov.method, 64, "ManufacturerModelName")
     proc.SoftwareVersions = [_text(v, 64, "SoftwareVersions") for v in _software_versions(volume)]
     proc.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
-    proc.ContributionDescription = _derivation(volume)[:1024]
+    proc.ContributionDescription = _fit(_derivation(volume), 1024)
     items.append(proc)
     return items
 

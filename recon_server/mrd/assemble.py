@@ -36,6 +36,16 @@ Feed an :class:`Assembler` the readouts as they arrive and call :meth:`Assembler
   read/phase/slice directions) and reconSpace fieldOfView_mm. All-zero direction vectors
   (some simulators write them) are replaced by the identity axes.
 
+Bounds before allocation (``limits``, :class:`~recon_server.mrd.wire.WireLimits`): the header's
+matrix (``max_matrix``, ``max_samples``), slices (``max_slices``) and channels (``max_channels``)
+are checked when the header arrives, and the k-space it asks for (slices x coils x ky x kx x 8
+bytes per (contrast, repetition), calibration held apart and readout staging included) against
+``max_scan_bytes``, before any buffer exists; so is every later store, noise and reference line.
+Every readout's indices are checked against the header's encoding limits: slice, contrast,
+repetition and average at most :data:`INDEX_TOLERANCE` beyond the limit's maximum (slices within
+it are allocated up front; buffers never grow), phase-encode line and readout inside the encoded
+matrix, channels as the header says; NaN or infinite samples are refused.
+
 Contrast label rule (first that applies), see :func:`contrast_label`.
 """
 
@@ -88,11 +98,18 @@ LINE_FIELDS = field_reader(
         "encoding_space_ref",
         "sample_time_us",
         "idx.kspace_encode_step_1",
+        "idx.average",
         "idx.slice",
         "idx.contrast",
         "idx.repetition",
     ],
 )
+#: Indices a scanner may send beyond the header's encodingLimits maximum: converters and
+#: simulators count one short (the ISMRMRD Shepp-Logan generator writes repetition maximum 0 and
+#: sends two interleaved repetitions). Slices within it are allocated up front; each contrast or
+#: repetition costs a scan's k-space and is held to ``max_scan_bytes``.
+INDEX_TOLERANCE = 1
+STAGING_LINES = 64  # oversampled lines staged and cropped together
 #: ``calibration_lines``: what calibration-only lines are (module docstring).
 CALIBRATION_LINE_MODES = ("auto", "data", "calibration")
 KNOWN_CONTRASTS = ("FLAIR", "T1POST", "T1", "T2", "PD", "DWI")
@@ -157,6 +174,13 @@ def contrast_label(header: xsd.ismrmrdHeader, config: dict | None = None, *, con
             if tr < 1000 and te < 30:
                 return "T1"
     return ""
+
+
+def _limit_maximum(limits: xsd.encodingLimitsType | None, name: str) -> int | None:
+    """``encodingLimits.<name>.maximum``, or None when the header does not give it."""
+    limit = getattr(limits, name, None) if limits is not None else None
+    maximum = getattr(limit, "maximum", None)
+    return int(maximum) if maximum is not None else None
 
 
 def _unit(v: np.ndarray, default: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -239,13 +263,19 @@ class Assembler:
     """Collects readouts of one stream into k-space scans (see the module docstring)."""
 
     def __init__(
-        self, header_xml: str, *, config: dict | None = None, calibration_lines: str = "auto"
+        self,
+        header_xml: str,
+        *,
+        config: dict | None = None,
+        calibration_lines: str = "auto",
+        limits: wire.WireLimits | None = None,
     ) -> None:
         if calibration_lines not in CALIBRATION_LINE_MODES:
             raise ValueError(
                 f"calibration_lines must be one of {', '.join(CALIBRATION_LINE_MODES)}, "
                 f"got {calibration_lines!r}"
             )
+        self.limits = lim = limits or wire.WireLimits()
         self.header_xml = header_xml.rstrip("\x00")
         self.header = parse_header(self.header_xml)
         self.config = config or {}
@@ -257,16 +287,26 @@ class Assembler:
         self.recon_nx = int(enc.reconSpace.matrixSize.x)
         fov = enc.reconSpace.fieldOfView_mm
         self.fov = (float(fov.x), float(fov.y), float(fov.z))
-        if min(self.enc_nx, self.ny, self.recon_nx) < 1 or self.ny > 16384 or self.enc_nx > 65535:
+        if min(self.enc_nx, self.ny, self.recon_nx) < 1:
             raise ValueError(
                 f"implausible encoding matrix {self.enc_nx} x {self.ny} (recon x {self.recon_nx})"
+            )
+        if max(self.ny, self.recon_nx) > lim.max_matrix or self.enc_nx > lim.max_samples:
+            raise ValueError(
+                f"encoding matrix {self.enc_nx} x {self.ny} (recon x {self.recon_nx}) exceeds this "
+                f"server's limits: max_matrix {lim.max_matrix} (phase-encode lines, recon columns), "
+                f"max_samples {lim.max_samples} (encoded columns)"
             )
         self.ky_offset = self.ny // 2 - reference.e1_centre(enc, self.ny)
         limits = enc.encodingLimits
         sl = getattr(limits, "slice", None) if limits is not None else None
         self.n_slices = int(sl.maximum) + 1 if sl is not None and sl.maximum is not None else 1
-        if self.n_slices > 4096:
-            raise ValueError(f"implausible number of slices {self.n_slices}")
+        if not 1 <= self.n_slices <= lim.max_slices:
+            raise ValueError(f"the header's {self.n_slices} slices exceed max_slices {lim.max_slices}")
+        self.slice_capacity = self.n_slices + INDEX_TOLERANCE  # slices each store holds
+        self.index_maxima = {name: _limit_maximum(limits, name) for name in ("contrast", "repetition")}
+        average = _limit_maximum(limits, "average")
+        self.max_average = average + INDEX_TOLERANCE if average is not None else 1 << 16
         mode = reference.calibration_mode(enc)
         if calibration_lines == "auto":
             calibration_lines = "calibration" if mode == "separate" else "data"
@@ -274,6 +314,12 @@ class Assembler:
         system = self.header.acquisitionSystemInformation
         rc = system.receiverChannels if system is not None else None
         self.channels: int | None = int(rc) if rc else None
+        if self.channels is not None and not 1 <= self.channels <= lim.max_channels:
+            raise ValueError(
+                f"the header's receiverChannels {self.channels} is outside 1..{lim.max_channels} "
+                "(max_channels)"
+            )
+        self.allocated = 0  # bytes of k-space, calibration, staging, noise and reference lines held
         self.nx: int | None = None  # width lines are placed in (encodedSpace x when oversampled)
         self.cropper: StreamingCropper[_Target] | None = None
         self.stores: dict[tuple[int, int], _Store] = {}
@@ -291,11 +337,50 @@ class Assembler:
         self._last_line: tuple[np.void | np.ndarray, np.ndarray] | None = None
         info = self.header.measurementInformation
         self.measurement_id = str(info.measurementID) if info is not None and info.measurementID else ""
+        if self.channels is not None:
+            self._check_budget(self.channels)
+
+    # ---------------------------------------------------------------- bounds
+
+    def _check_budget(self, channels: int) -> None:
+        """Refuse a scan whose header asks for more k-space than ``max_scan_bytes``, before any buffer."""
+        store = self.slice_capacity * channels * self.ny * self.recon_nx * 8
+        scans = 1
+        for name in ("contrast", "repetition"):
+            maximum = self.index_maxima[name]
+            scans *= maximum + 1 if maximum is not None else 1
+        apart = 1 if self.calibration_as_data else 2  # calibration-only lines held apart
+        staging = STAGING_LINES * channels * self.enc_nx * 8 if self.enc_nx > self.recon_nx else 0
+        need = store * scans * apart + staging
+        limit = self.limits.max_scan_bytes
+        if need > limit:
+            raise ValueError(
+                f"the scan needs {need / 2**30:.1f} GiB of k-space ({self.slice_capacity} slices x "
+                f"{channels} coils x {self.ny} x {self.recon_nx} x 8 bytes x {scans} scan(s)"
+                + (" x 2 (calibration held apart)" if apart == 2 else "")
+                + f"), more than this server's max_scan_bytes ({limit / 2**30:.1f} GiB)"
+            )
+
+    def _reserve(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` against ``max_scan_bytes`` (ValueError beyond it) before allocating them."""
+        if self.allocated + nbytes > self.limits.max_scan_bytes:
+            raise ValueError(
+                f"{what}: the stream would hold {(self.allocated + nbytes) / 2**30:.2f} GiB, more than "
+                f"this server's max_scan_bytes ({self.limits.max_scan_bytes / 2**30:.1f} GiB)"
+            )
+        self.allocated += nbytes
+
+    def _beyond(self, line: int, name: str, value: int, maximum: int) -> ValueError:
+        return ValueError(
+            f"readout {line}: {name} index {value} beyond the header's encoding limits "
+            f"(maximum {maximum}, tolerance {INDEX_TOLERANCE})"
+        )
 
     # ---------------------------------------------------------------- feeding
 
     def _check_channels(self, channels: int, what: str) -> None:
         if self.channels is None:
+            self._check_budget(channels)  # the header did not say: the first readout does
             self.channels = channels
         elif channels != self.channels:
             raise ValueError(
@@ -307,7 +392,8 @@ class Assembler:
         self.add_line(acq.head, acq.data)
 
     def add_line(self, head: np.void | np.ndarray, data: np.ndarray) -> None:
-        flags, centre, space, dwell, ky, sl, contrast, repetition = LINE_FIELDS.unpack_from(head.tobytes())
+        fields = LINE_FIELDS.unpack_from(head.tobytes())
+        flags, centre, space, dwell, ky, average, sl, contrast, repetition = fields
         if flags & IGNORED:
             return
         channels, samples = data.shape
@@ -315,7 +401,11 @@ class Assembler:
         self.n_lines += 1
         if channels != self.channels:
             self._check_channels(channels, f"readout {line}")
+        total = data.sum()  # NaN and infinities propagate: one pass, no temporary
+        if not (math.isfinite(total.real) and math.isfinite(total.imag)):
+            raise ValueError(f"readout {line} holds NaN or infinite samples")
         if flags & NOISE:
+            self._reserve(data.size * 8, "noise readouts")
             self.noise.append(np.asarray(data, dtype=np.complex64))
             self.noise_dwell_us = self.noise_dwell_us or float(dwell)
             return
@@ -324,26 +414,30 @@ class Assembler:
             self.measurement_uid = int(head["measurement_uid"])
         self._last_line = (head, data)
         key = (contrast, repetition)
+        if sl >= self.slice_capacity:
+            raise ValueError(
+                f"readout {line}: slice index {sl} beyond the header's {self.n_slices} slice(s) "
+                f"(encoding limits; tolerance {INDEX_TOLERANCE}): refused, buffers are never grown"
+            )
+        if average > self.max_average:
+            raise self._beyond(line, "average", average, self.max_average - INDEX_TOLERANCE)
         if space:
+            self._reserve(data.size * 8, "reference lines")
             self._add_reference(line, space, _ReferenceLine(key, sl, ky, centre, np.array(data)))
             return
         if self.nx is None:
             # Readouts longer than the recon matrix carry oversampling: place them at the encoded
             # width and crop them to the recon width as they stream in.
-            self.nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
-            if self.nx > self.recon_nx:
-                self.cropper = StreamingCropper(channels, self.nx, self.recon_nx)
-        store = self.stores.get(key)
-        if store is None:
-            store = self._new_store()
-            self.stores[key] = store
+            nx = self.enc_nx if samples > self.recon_nx else self.recon_nx
+            if nx > self.recon_nx:
+                self._reserve(STAGING_LINES * channels * nx * 8, "readout staging")
+                self.cropper = StreamingCropper(channels, nx, self.recon_nx, batch=STAGING_LINES)
+            self.nx = nx
         ky += self.ky_offset
         if not 0 <= ky < self.ny:
             raise ValueError(
                 f"readout {line}: phase-encode line {ky} outside the encoded matrix of {self.ny} lines"
             )
-        if sl >= store.kspace.shape[0]:
-            store = self._grow(key, store, sl + 1)
         nx = self.nx
         x0 = nx // 2 - centre if centre else (nx - samples) // 2
         if x0 < 0 or x0 + samples > nx:
@@ -351,13 +445,17 @@ class Assembler:
                 f"readout {line}: {samples} samples with centre {centre} do not fit a "
                 f"readout of {nx} (encodedSpace x {self.enc_nx}, reconSpace x {self.recon_nx})"
             )
+        store = self.stores.get(key)
+        if store is None:
+            store = self._new_store(key, line)
+            self.stores[key] = store
         if (x0, samples) != self._extent:
             self._mark_columns(x0, samples)
         is_cal = bool(flags & (CALIBRATION | CALIBRATION_AND_IMAGING))
         calib_only = bool(flags & CALIBRATION and not flags & CALIBRATION_AND_IMAGING)
         calib_only = calib_only and not self.calibration_as_data
         if calib_only:
-            store.destination(True)
+            self._calibration_store(store)
             assert store.calib_only_rows is not None
             store.calib_only_rows[ky] = True
         else:
@@ -400,7 +498,7 @@ class Assembler:
             groups.setdefault((t.key, t.calib_only), []).append(i)
         for (key, calib_only), rows in groups.items():
             store = self.stores[key]
-            dest = store.destination(calib_only)
+            dest = self._calibration_store(store) if calib_only else store.kspace
             slices, kys = [targets[i].slice for i in rows], [targets[i].row for i in rows]
             if not calib_only and int(store.counts[slices, kys].max()) > 1:
                 for i, s, k in zip(rows, slices, kys, strict=True):  # averages: add, never overwrite
@@ -417,25 +515,32 @@ class Assembler:
             )
         self.references.append(ref)
 
-    def _new_store(self) -> _Store:
+    def _new_store(self, key: tuple[int, int], line: int) -> _Store:
+        """The store of a new (contrast, repetition): indices and budget checked, then allocated."""
         assert self.channels is not None and self.nx is not None
-        shape = (self.n_slices, self.channels, self.ny, self.recon_nx)
+        for name, value in zip(("contrast", "repetition"), key, strict=True):
+            maximum = self.index_maxima[name]
+            if maximum is not None and value > maximum + INDEX_TOLERANCE:
+                raise self._beyond(line, name, value, maximum)
+        if len(self.stores) >= self.limits.max_scans:
+            raise ValueError(
+                f"readout {line}: (contrast, repetition) {key} would be scan {len(self.stores) + 1} of "
+                f"this stream; max_scans is {self.limits.max_scans}"
+            )
+        shape = (self.slice_capacity, self.channels, self.ny, self.recon_nx)
+        self._reserve(math.prod(shape) * 8, f"readout {line}: contrast {key[0]} repetition {key[1]}")
         return _Store(
             kspace=POOL.zeros(shape),  # reused across scans: fresh memory faults page by page
-            counts=np.zeros((self.n_slices, self.ny), dtype=np.uint16),
+            counts=np.zeros((self.slice_capacity, self.ny), dtype=np.uint16),
             imaging=np.zeros(self.ny, dtype=bool),
             calibration_rows=np.zeros(self.ny, dtype=bool),
         )
 
-    def _grow(self, key: tuple[int, int], store: _Store, slices: int) -> _Store:
-        log.warning("slice index %d beyond the header's encoding limits; growing the buffer", slices - 1)
-        pad = ((0, slices - store.kspace.shape[0]), (0, 0), (0, 0), (0, 0))
-        store.kspace = np.pad(store.kspace, pad)
-        store.counts = np.pad(store.counts, pad[:1] + pad[2:3])
-        if store.calib_only is not None:
-            store.calib_only = np.pad(store.calib_only, pad)
-        self.n_slices = max(self.n_slices, slices)
-        return store
+    def _calibration_store(self, store: _Store) -> np.ndarray:
+        """``store.calib_only``, allocated (within the budget) on first use."""
+        if store.calib_only is None:
+            self._reserve(store.kspace.nbytes, "calibration-only lines")
+        return store.destination(True)
 
     def add_recon_data(self, recon: wire.ReconData) -> None:
         """Add Gadgetron ReconData: every non-empty line of ``data`` (and ``ref``, as calibration)."""
@@ -517,7 +622,7 @@ class Assembler:
             placed, rows = reference.onto_imaging_grid(
                 grid, measured, space, ny=self.ny, nx=self.recon_nx, fov_mm=self.fov[:2]
             )
-            store.destination(True)[sl][:, rows, :] = placed[:, rows, :]
+            self._calibration_store(store)[sl][:, rows, :] = placed[:, rows, :]
             assert store.calib_only_rows is not None
             store.calib_only_rows[rows] = True
             store.calibration_rows[rows] = True
@@ -541,11 +646,12 @@ class Assembler:
         if repeated[0].size:  # averages: the mean of the measurements of a row
             store.kspace[repeated[0], :, repeated[1], :] /= store.counts[repeated][:, None, None]
         slices = sorted(store.slices_seen)
-        every = slices == list(range(store.kspace.shape[0]))
-        kspace = store.kspace if every else store.kspace[slices]  # no copy in the usual case
+        # Slices 0..n-1 (the usual case, the tolerated spare slice unused): a view, no copy.
+        first = slices == list(range(len(slices)))
+        kspace = store.kspace[: len(slices)] if first else store.kspace[slices]
         calib_only = store.calib_only
-        if calib_only is not None and not every:
-            calib_only = calib_only[slices]
+        if calib_only is not None:
+            calib_only = calib_only[: len(slices)] if first else calib_only[slices]
         acs = self._acs(store)
         # A view of k-space unless calibration-only lines must be merged in (a fully sampled
         # scan would otherwise copy all of it).

@@ -124,7 +124,8 @@ class EndOfStream(ProtocolError):
 
 @dataclass(frozen=True)
 class WireLimits:
-    """Upper bounds checked before allocating anything a length field asks for."""
+    """Upper bounds checked before allocating anything a length field (or, for the ``max_scan_*``,
+    ``max_matrix`` and ``max_slices`` fields, the ISMRMRD header) asks for."""
 
     max_text_bytes: int = 16 << 20  # CONFIG_TEXT, HEADER, TEXT, ERROR
     max_channels: int = 256
@@ -136,6 +137,12 @@ class WireLimits:
     max_array_ndim: int = 8
     max_recon_bits: int = 64
     max_waveform_values: int = 1 << 24
+    # What one stream's scans may make the assembler allocate (mrd.assemble): k-space of every
+    # (contrast, repetition) with calibration and staging, the header's matrix and slices.
+    max_scan_bytes: int = 4 << 30
+    max_matrix: int = 1024  # phase-encode lines (encodedSpace y) and reconSpace x
+    max_slices: int = 1024
+    max_scans: int = 64  # (contrast, repetition) scans in one stream
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
@@ -240,6 +247,7 @@ class WireReader:
         self.stream: Any = stream
         self.limits = limits or WireLimits()
         self.bytes_read = 0
+        self._arrays_bytes: int | None = None  # bytes of the arrays of the RECON_DATA being read
         self._readers: dict[int, Callable[[], Message]] = {
             CONFIG_FILE: self._config_file,
             CONFIG_TEXT: lambda: ConfigText(self._string(UINT32, "CONFIG_TEXT")),
@@ -383,6 +391,12 @@ class WireReader:
                 raise ProtocolError(
                     f"{what} of shape {dims} exceeds the limit of {self.limits.max_array_bytes} bytes"
                 )
+        if self._arrays_bytes is not None:
+            self._arrays_bytes += count * dtype.itemsize
+            if self._arrays_bytes > self.limits.max_scan_bytes:
+                raise ProtocolError(
+                    f"RECON_DATA arrays exceed max_scan_bytes ({self.limits.max_scan_bytes} bytes) at {what}"
+                )
         return self._array(count, dtype, what).reshape(dims, order="F")
 
     def _optional(self, read: Callable[[], np.ndarray | ReconBuffer], what: str):  # type: ignore[no-untyped-def]
@@ -406,11 +420,15 @@ class WireReader:
         if nbits > self.limits.max_recon_bits:
             raise ProtocolError(f"RECON_DATA has {nbits} bits, limit is {self.limits.max_recon_bits}")
         bits = []
-        for i in range(nbits):
-            data = self._recon_buffer(f"bit {i}")
-            what = f"bit {i} ref"
-            ref = self._optional(lambda: self._recon_buffer(what), what)  # noqa: B023 - called at once
-            bits.append(ReconBit(data, ref))
+        self._arrays_bytes = 0
+        try:
+            for i in range(nbits):
+                data = self._recon_buffer(f"bit {i}")
+                what = f"bit {i} ref"
+                ref = self._optional(lambda: self._recon_buffer(what), what)  # noqa: B023 - called at once
+                bits.append(ReconBit(data, ref))
+        finally:
+            self._arrays_bytes = None
         return ReconData(bits)
 
 
