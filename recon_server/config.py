@@ -117,6 +117,11 @@ class ServiceConfig:
     image_dtype: str = "float32"  # or "uint16" for the ISMRMRD images sent back
     max_pending_scans: int = 8
     socket_timeout_s: float = 300.0
+    # Connections (mrd.listener), per listener: at most this many at once (one more is told
+    # ERR and closed), this long to send a whole stream, only from these networks (empty: any).
+    max_connections: int = 32
+    stream_deadline_s: float = 3600.0
+    allowed_clients: tuple[str, ...] = ()
     model_dir: Path | None = None
     backend: str = "torch"
     onnx_file: Path | None = None
@@ -138,6 +143,7 @@ class ServiceConfig:
             raise ValueError(f"max_pending_scans must be >= 1, got {self.max_pending_scans}")
         if self.socket_timeout_s <= 0:
             raise ValueError(f"socket_timeout_s must be > 0, got {self.socket_timeout_s}")
+        self._check_connections()
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", self.device):
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.calibration_lines not in CALIBRATION_LINE_MODES:
@@ -158,6 +164,20 @@ class ServiceConfig:
             raise ValueError(f"fallback_method must be a method name or 'none', got {fallback!r}")
         if fallback is not None and fallback.strip().lower() == "none":
             object.__setattr__(self, "fallback_method", None)
+
+    def _check_connections(self) -> None:
+        from recon_server.mrd.listener import parse_networks
+
+        count = self.max_connections
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"max_connections must be an integer >= 1, got {count!r}")
+        if not self.stream_deadline_s > 0:
+            raise ValueError(f"stream_deadline_s must be > 0, got {self.stream_deadline_s}")
+        clients = self.allowed_clients
+        if isinstance(clients, str):
+            raise ValueError(f"allowed_clients must be a list of networks, got {clients!r}")
+        nets = parse_networks(clients)
+        object.__setattr__(self, "allowed_clients", tuple(str(n) for n in nets))
 
     @property
     def resolved_onnx_file(self) -> Path | None:
@@ -241,6 +261,8 @@ class AppConfig:
             f"Gadgetron <connect> listener: "
             f"{f'{s.gadgetron_host}:{s.gadgetron_port}' if s.gadgetron_port is not None else 'off'}",
             f"device {s.device}, images {s.image_dtype}, up to {s.max_pending_scans} queued scans",
+            f"connections: at most {s.max_connections} per listener, {s.stream_deadline_s:g} s per stream, "
+            f"clients {', '.join(s.allowed_clients) or 'any address'}",
             f"methods: default {s.default_method}"
             + "".join(f", {c} -> {m}" for c, m in sorted(s.methods.items()))
             + f"; fallback {s.fallback_method or 'none'}",
@@ -303,6 +325,9 @@ SERVER_FIELDS: dict[str, Conv] = {
     "image_dtype": _str,
     "max_pending_scans": _int,
     "socket_timeout_s": _float,
+    "max_connections": _int,
+    "stream_deadline_s": _float,
+    "allowed_clients": _str_list,
     "output_dir": _str,
     "failed_scans_dir": _str,
 }

@@ -38,6 +38,20 @@ def _samples(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    """Bytes: an integer, or with a K / M / G / T suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    body = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = units.get(body[-1:], 1)
+    try:
+        value = int(float(body[:-1] if scale > 1 else body) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 4G or 4294967296, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def _contrast_method(text: str) -> tuple[str, str]:
     contrast, sep, method = text.partition("=")
     if not sep or not contrast or not method:
@@ -100,6 +114,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="keep the raw data of scans that fail here (ISMRMRD .h5, replayable)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=options.positive_int,
+        default=None,
+        help="connections served at once per listener; one more is answered ERR and closed (32)",
+    )
+    p.add_argument(
+        "--stream-deadline",
+        type=options.positive_float,
+        default=None,
+        help="seconds a connection may take to send its whole stream (3600)",
+    )
+    p.add_argument(
+        "--allow-client",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="accept clients from this network only (repeatable; replaces the file's allowed_clients; "
+        "default: any address)",
+    )
+    p.add_argument(
+        "--max-scan-bytes",
+        type=_size,
+        default=None,
+        help="k-space one stream may make the server hold, e.g. 2G (server.limits.max_scan_bytes: 4G)",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="checkpoint directory of the diffusion model")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="denoiser backend (torch)")
@@ -189,6 +229,8 @@ _SERVE_OVERRIDES = {
     "image_dtype": "image_dtype",
     "output_dir": "output_dir",
     "failed_scans_dir": "failed_scans_dir",
+    "max_connections": "max_connections",
+    "stream_deadline": "stream_deadline_s",
     "model_dir": "model_dir",
     "backend": "backend",
 }
@@ -210,6 +252,10 @@ def serve_config(args: argparse.Namespace) -> AppConfig:
         changes["methods"] = {**app.service.methods, **dict(args.method_for)}
     if args.gadgetron_only:
         changes["gadgetron_only"] = True
+    if args.allow_client is not None:
+        changes["allowed_clients"] = tuple(args.allow_client)
+    if args.max_scan_bytes is not None:
+        changes["limits"] = dataclasses.replace(app.service.limits, max_scan_bytes=args.max_scan_bytes)
     service = dataclasses.replace(app.service, **changes)
     if changes:
         service.check_methods(METHODS)

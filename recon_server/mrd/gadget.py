@@ -37,7 +37,7 @@ from typing import Any
 from gadgetron.external import Connection
 
 from recon_server.config import ServiceConfig
-from recon_server.mrd import wire
+from recon_server.mrd import listener, wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.client_config import config_properties, requested_method
 from recon_server.mrd.server import volume_to_images
@@ -56,6 +56,12 @@ def send_error(raw: Any, text: str) -> None:
     """Write ERROR (8): ``uint16 8 | uint64 len | text`` through a ``.write`` object."""
     for chunk in wire.encode_message(wire.Error(text)):
         raw.write(bytes(chunk))
+
+
+def refusal_message(text: str) -> bytes:
+    """What a Gadgetron the listener does not take reads: ERROR (8) + CLOSE."""
+    msgs = (wire.Error(f"recon-server: ConnectionRefused: {text}"), wire.Close())
+    return b"".join(bytes(chunk) for msg in msgs for chunk in wire.encode_message(msg))
 
 
 def _run_direct(scans: list[KSpaceScan], method: str | None) -> list:
@@ -94,6 +100,7 @@ def handle_connection(
             header,
             config={"contrast": props["contrast"]} if "contrast" in props else None,
             calibration_lines=calibration_lines,
+            limits=reader.limits,
         )
         ops_logs.set_measurement(asm.measurement_id)
         while True:
@@ -168,6 +175,7 @@ class GadgetronListener:
         )
         self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=sinks)
         self._sock: socket.socket | None = None
+        self._loop: listener.AcceptLoop | None = None
         self._stop = threading.Event()
         self.address: tuple[str, int] | None = None
 
@@ -178,24 +186,30 @@ class GadgetronListener:
         self.address = self._sock.getsockname()[:2]
         return self.address
 
-    def start(self) -> tuple[str, int]:
-        address = self.bind()
-        threading.Thread(target=self.serve_forever, daemon=True, name="gadgetron-accept").start()
-        return address
-
-    def serve_forever(self) -> None:
+    def _accept_loop(self) -> listener.AcceptLoop:
+        """The shared accept loop (:mod:`recon_server.mrd.listener`) with this listener's settings."""
         if self._sock is None:
             self.bind()
         assert self._sock is not None and self.address is not None
         log.info("Gadgetron external listener on %s:%d", self.address[0], self.address[1])
-        while not self._stop.is_set():
-            try:
-                sock, peer = self._sock.accept()
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            threading.Thread(target=self.handle, args=(sock, peer), daemon=True, name=f"gt-{peer}").start()
+        self._loop = listener.AcceptLoop.for_config(
+            self._sock,
+            self.handle,
+            self.config,
+            name="gadgetron",
+            refusal=refusal_message,
+            thread_prefix="gt",
+            stop=self._stop,
+        )
+        return self._loop
+
+    def start(self) -> tuple[str, int]:
+        self._accept_loop().start()
+        assert self.address is not None
+        return self.address
+
+    def serve_forever(self) -> None:
+        self._accept_loop().serve_forever()
 
     def handle(self, sock: socket.socket, peer: object) -> None:
         with ops_logs.connection_context(peer):
@@ -229,5 +243,7 @@ class GadgetronListener:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._sock is not None:
+        if self._loop is not None:
+            self._loop.stop()
+        elif self._sock is not None:
             self._sock.close()

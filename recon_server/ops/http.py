@@ -2,7 +2,9 @@
 
 Routes (GET only; anything else is 404/405):
 
-``/healthz``  liveness: 200 ``ok`` while the process serves HTTP at all.
+``/healthz``  liveness: 200 ``ok`` while the process serves HTTP and every liveness check passes
+              (the listeners' accept loops run, :func:`recon_server.mrd.listener.liveness`),
+              else 503 with the failing checks' details.
 ``/readyz``   readiness: 200 when every check passes, else 503; the body is JSON
               ``{"ready": bool, "checks": {name: {"ok": bool, "detail": str}}}``.
 ``/metrics``  the registry in the Prometheus text format (``text/plain; version=0.0.4``).
@@ -65,16 +67,27 @@ class OpsServer:
         *,
         checks: Mapping[str, Check] | None = None,
         registry: Registry = REGISTRY,
+        liveness: Mapping[str, Check] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.checks: dict[str, Check] = dict(checks or {})
+        self.liveness: dict[str, Check] = dict(liveness or {})
         self.registry = registry
         self._httpd: ThreadingHTTPServer | None = None
         self.address: tuple[str, int] | None = None
 
+    def alive(self) -> tuple[bool, list[str]]:
+        """Every liveness check passes; else the details of those that fail."""
+        ok, results = self._run(self.liveness)
+        return ok, [f"{name}: {r['detail']}" for name, r in results.items() if not r["ok"]]
+
     def readiness(self) -> tuple[bool, dict[str, dict[str, object]]]:
+        return self._run(self.checks)
+
+    @staticmethod
+    def _run(checks: Mapping[str, Check]) -> tuple[bool, dict[str, dict[str, object]]]:
         results: dict[str, dict[str, object]] = {}
-        for name, check in self.checks.items():
+        for name, check in checks.items():
             try:
                 ok, detail = check()
             except Exception as exc:  # noqa: BLE001 - a broken check reports not-ready, never 500
@@ -100,7 +113,9 @@ class OpsServer:
             def do_GET(self) -> None:  # noqa: N802 - the http.server naming
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
+                    alive, failing = ops.alive()
+                    text = "ok\n" if alive else "not ok: " + "; ".join(failing) + "\n"
+                    self._send(200 if alive else 503, text.encode(), "text/plain; charset=utf-8")
                 elif path == "/readyz":
                     ready, results = ops.readiness()
                     body = json.dumps({"ready": ready, "checks": results}, indent=1).encode() + b"\n"

@@ -24,6 +24,7 @@ from typing import Any
 
 from recon_server import __version__
 from recon_server.config import AppConfig
+from recon_server.mrd.listener import liveness as listener_liveness
 from recon_server.ops import metrics
 from recon_server.ops.http import Check, OpsServer, spool_writable, thread_alive
 from recon_server.ops.metrics import REGISTRY, Sample
@@ -180,6 +181,7 @@ def start_ops(
         app.ops.http_host,
         app.ops.http_port,
         checks=readiness_checks(app, worker=worker, sender=sender, model=model),
+        liveness={"accept_loops": listener_liveness},
     )
     server.start()
     return server, model, server.stop
