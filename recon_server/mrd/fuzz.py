@@ -326,7 +326,7 @@ class Mutator:
         return Hostile("json", encode([*msgs, *self.scan.readouts, wire.Close()]), False)
 
     def _meas_id(self) -> Hostile:
-        mid = "M" * 300 if self.rng.random() < 0.5 else "FAKE\nERROR forged log line\r\x1b[31m"
+        mid = "M" * 300 if self.rng.random() < 0.5 else "FAKE\nERROR forged log line\u202e\u0085"  # XML-valid controls
         size = (self.scan.matrix, self.scan.matrix)
         xml = header_xml(matrix=size, channels=self.scan.coils, measurement_id=mid)
         good = self._int(1, len(self.scan.readouts))

@@ -55,13 +55,6 @@ def escape_controls(text: str) -> str:
     return UNSAFE.sub(_escape_one, text)
 
 
-def file_name_part(text: str, max_chars: int = 64) -> str:
-    """A file name component from client text: ASCII letters, digits, ``.``, ``_``, ``-`` (others
-    become ``_``), no leading dot or dash, at most ``max_chars`` characters ("" if none is left)."""
-    part = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".-")
-    return part[:max_chars].rstrip(".")
-
-
 def set_measurement(measurement_id: str) -> None:
     """Tag this thread's (context's) log lines with a scan's measurement id."""
     _MEASUREMENT.set(measurement_id or NONE)
