@@ -37,6 +37,11 @@ DEFAULT_PORT = 9002
 MAX_POSTERIOR_SAMPLES = 32
 DEFAULT_HTTP_PORT = 9090
 DEFAULT_FALLBACK_METHOD = "cg-sense"
+#: Methods a client may ask for unless ``allowed_client_methods`` says otherwise: every method
+#: but faithful ``dps`` (minutes per scan; opt-in). ``"*"`` in the field allows any method.
+DEFAULT_CLIENT_METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "dps-fast", "dps-warm")
+#: Seconds a method may run on one scan unless ``time_limits`` names it.
+DEFAULT_TIME_LIMIT_S = 900.0
 MAX_CONFIG_BYTES = 1 << 20
 
 #: Methods that need a trained model (``recon.model_dir``). A registered method may also carry
@@ -126,6 +131,13 @@ class ServiceConfig:
     backend: str = "torch"
     onnx_file: Path | None = None
     onnx_providers: tuple[str, ...] = ()
+    journal_dir: Path | None = None  # every scan's raw data until delivered (mrd.journal)
+    shutdown_grace_s: float = 10.0  # SIGTERM: seconds running scans get to finish
+    shutdown_drain_s: float = 10.0  # SIGTERM: seconds the DICOM spool is drained
+    ready_queue_threshold: int = 4  # /readyz false with more scans waiting for the worker
+    allowed_client_methods: tuple[str, ...] = DEFAULT_CLIENT_METHODS
+    time_limits: Mapping[str, float] = field(default_factory=dict)  # seconds per method
+    default_time_limit_s: float | None = DEFAULT_TIME_LIMIT_S
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -164,6 +176,36 @@ class ServiceConfig:
             raise ValueError(f"fallback_method must be a method name or 'none', got {fallback!r}")
         if fallback is not None and fallback.strip().lower() == "none":
             object.__setattr__(self, "fallback_method", None)
+        self._check_durability()
+
+    def _check_durability(self) -> None:
+        if self.journal_dir is not None:
+            object.__setattr__(self, "journal_dir", Path(self.journal_dir))
+        for name in ("shutdown_grace_s", "shutdown_drain_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ready_queue_threshold < 0:
+            raise ValueError(f"ready_queue_threshold must be >= 0, got {self.ready_queue_threshold}")
+        allowed = self.allowed_client_methods
+        if isinstance(allowed, str) or not all(isinstance(m, str) and m for m in allowed):
+            raise ValueError(f"allowed_client_methods must be a list of method names, got {allowed!r}")
+        object.__setattr__(self, "allowed_client_methods", tuple(allowed))
+        limits = dict(self.time_limits)
+        if self.default_time_limit_s is not None:
+            limits["default_time_limit_s"] = self.default_time_limit_s
+        for name, seconds in limits.items():
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+                raise ValueError(f"time_limits: {name} must be a number of seconds > 0, got {seconds!r}")
+
+    def time_limit_for(self, method: str) -> float | None:
+        """Seconds ``method`` may run on one scan (``time_limits``, else ``default_time_limit_s``)."""
+        return self.time_limits.get(method, self.default_time_limit_s)
+
+    def client_methods(self) -> frozenset[str] | None:
+        """Methods a client may ask for (None: any): ``allowed_client_methods`` and the server's own."""
+        if "*" in self.allowed_client_methods:
+            return None
+        return frozenset(self.allowed_client_methods) | self.configured_methods()
 
     def _check_connections(self) -> None:
         from recon_server.mrd.listener import parse_networks
@@ -205,6 +247,15 @@ class ServiceConfig:
                 f"fallback_method: unknown reconstruction method {self.fallback_method!r}; "
                 f"known: {sorted(known)} (or 'none')"
             )
+        for where, names in (
+            ("allowed_client_methods", [m for m in self.allowed_client_methods if m != "*"]),
+            ("time_limits", list(self.time_limits)),
+        ):
+            for name in names:
+                if name not in known:
+                    raise ValueError(
+                        f"{where}: unknown reconstruction method {name!r}; known: {sorted(known)}"
+                    )
 
     def check_model(self, known: Mapping[str, object] | None = None) -> None:
         """ValueError unless the model files the configured methods and backend need exist."""
@@ -330,6 +381,10 @@ SERVER_FIELDS: dict[str, Conv] = {
     "allowed_clients": _str_list,
     "output_dir": _str,
     "failed_scans_dir": _str,
+    "journal_dir": _str,
+    "shutdown_grace_s": _float,
+    "shutdown_drain_s": _float,
+    "ready_queue_threshold": _int,
 }
 LIMIT_FIELDS: dict[str, Conv] = {f.name: _int for f in dataclasses.fields(WireLimits)}
 RECON_FIELDS: dict[str, Conv] = {
@@ -340,6 +395,8 @@ RECON_FIELDS: dict[str, Conv] = {
     "backend": _str,
     "onnx_file": _str,
     "onnx_providers": _str_list,
+    "allowed_client_methods": _str_list,
+    "default_time_limit_s": _float,
 }
 DICOM_FIELDS: dict[str, Conv] = {
     "output_dir": _str,
@@ -503,14 +560,22 @@ def parse_config(
     limit_fields = {f"WireLimits.{k}": f"server.limits.{k}" for k in LIMIT_FIELDS}
     server["limits"] = loader.build("server.limits", WireLimits, fields=limit_fields, **limits)
     recon_raw = loader.table(data, "", "recon")
-    recon = loader.fields(recon_raw, "recon.", RECON_FIELDS, tables=("methods",))
+    recon = loader.fields(recon_raw, "recon.", RECON_FIELDS, tables=("methods", "time_limits"))
+    time_limits = {}
+    for method, seconds in loader.table(recon_raw, "recon.", "time_limits").items():
+        try:
+            time_limits[method] = _float(seconds)
+        except TypeError as exc:
+            raise loader.error(f"recon.time_limits.{method}", f"must be {exc}, got {seconds!r}") from None
+    if time_limits:
+        recon["time_limits"] = time_limits
     methods_raw = loader.table(recon_raw, "recon.", "methods")
     methods = {}
     for contrast, method in methods_raw.items():
         if not isinstance(method, str) or not method:
             raise loader.error(f"recon.methods.{contrast}", f"must be a method name, got {method!r}")
         methods[contrast.strip().upper()] = method
-    for key in ("output_dir", "failed_scans_dir"):
+    for key in ("output_dir", "failed_scans_dir", "journal_dir"):
         if key in server:
             server[key] = loader.path(server[key])
     for key in ("model_dir", "onnx_file"):
@@ -525,6 +590,8 @@ def parse_config(
         if service.fallback_method is not None:
             named.append(("recon.fallback_method", service.fallback_method))
         named += [(f"recon.methods.{contrast}", method) for contrast, method in methods.items()]
+        named += [(f"recon.time_limits.{method}", method) for method in service.time_limits]
+        named += [("recon.allowed_client_methods", m) for m in service.allowed_client_methods if m != "*"]
         for where, method in named:
             if method not in known_methods:
                 raise loader.error(

@@ -55,6 +55,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,6 +66,7 @@ from recon_server.config import DEFAULT_FALLBACK_METHOD
 from recon_server.mrd.assemble import parse_header
 from recon_server.ops import metrics as ops_metrics
 from recon_server.recon import classic, coils, noise
+from recon_server.recon.dps import SamplingStopped, stop_check
 from recon_server.recon.methods import MethodOutput, ReconProblem, get_method, run_method
 from recon_server.scan import ImageVolume, KSpaceScan, Provenance
 
@@ -103,6 +106,8 @@ def failure_class(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".lower()
     if isinstance(exc, NoCalibrationError):
         return "no-calibration"
+    if isinstance(exc, SamplingStopped):
+        return "time-limit"
     if isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in text:
         return "out-of-memory"
     cuda_words = ("not available", "no cuda gpus", "not compiled with cuda", "driver", "no kernel image")
@@ -181,20 +186,27 @@ def reconstruct_all(
     device: str | torch.device = "cpu",
     samples: int | None = None,
     fallback: str | None = None,
+    time_limit: Callable[[str], float | None] | None = None,
+    cancelled: Callable[[], ReconCancelled | None] | None = None,
 ) -> list[ImageVolume]:
     """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn.
 
     ``samples=None`` uses the configured number (``recon.methods.configure_diffusion``).
     ``fallback``: the method that reconstructs the scan if ``method`` fails (module docstring);
-    None (or the same method): the failure is raised.
+    None (or the same method): the failure is raised. ``time_limit(method)``: seconds each method
+    may run (None: no limit); a diffusion sampler past it raises :class:`TimeLimitExceeded`, which
+    the fallback handles like any failure. ``cancelled()`` returning a :class:`ReconCancelled`
+    stops the samplers at their next step with it (no fallback).
     """
+    limit = time_limit or (lambda name: None)
     get_method(method)  # ValueError for unknown names, before any work
     if fallback is not None:
         get_method(fallback)
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     try:
-        return _reconstruct_all(scan, method=method, device=device, samples=samples)
+        with stop_check(_stop_check(method, limit(method), cancelled)):
+            return _reconstruct_all(scan, method=method, device=device, samples=samples)
     except FALLBACK_ERRORS as exc:
         if isinstance(exc, NoCalibrationError) and fallback is not None:
             fallback = MAPLESS_METHOD
@@ -215,7 +227,8 @@ def reconstruct_all(
                 torch.cuda.empty_cache()
             fallback_device = "cpu"
         try:
-            volumes = _reconstruct_all(scan, method=fallback, device=fallback_device, samples=samples)
+            with stop_check(_stop_check(fallback, limit(fallback), cancelled)):
+                volumes = _reconstruct_all(scan, method=fallback, device=fallback_device, samples=samples)
         except FALLBACK_ERRORS as exc2:
             raise FallbackFailed(
                 f"method {method} failed ({reason}); the fallback {fallback} failed too: "
@@ -317,6 +330,60 @@ def _reconstruct_all(
     return volumes
 
 
+class ReconCancelled(Exception):
+    """The job was dropped or stopped between two steps (the client went away, the server stops).
+
+    Not a failure of the method: no fallback reconstructs the scan.
+    """
+
+
+class ServiceStopping(ReconCancelled):
+    """The server shuts down: the scan stays in the journal and a restart reconstructs it."""
+
+
+class TimeLimitExceeded(SamplingStopped):
+    """A method ran past its time limit (``ServiceConfig.time_limit_for``); the fallback takes over."""
+
+
+def volume_key(volume: ImageVolume) -> str:
+    """A volume's name within its stream's scans (``<role>-<series_index>``), for the journal."""
+    return f"{volume.role}-{volume.series_index}"
+
+
+class DeliveryLog(Protocol):
+    """Where :meth:`ReconService.run` records what reached every sink (the scan journal)."""
+
+    @property
+    def tag(self) -> str: ...
+
+    def planned(self, keys: list[str]) -> None: ...
+
+    def is_delivered(self, key: str) -> bool: ...
+
+    def delivered(self, key: str) -> None: ...
+
+    def output_failed(self, key: str, reason: str) -> None: ...
+
+
+def _stop_check(
+    method: str, limit_s: float | None, cancelled: Callable[[], ReconCancelled | None] | None
+) -> Callable[[], None]:
+    """The samplers' step check: raise the cancellation, or :class:`TimeLimitExceeded` past the limit."""
+    t0 = time.monotonic()
+
+    def check() -> None:
+        if cancelled is not None:
+            stop = cancelled()
+            if stop is not None:
+                raise stop
+        if limit_s is not None and time.monotonic() - t0 > limit_s:
+            raise TimeLimitExceeded(
+                f"{method} stopped after {time.monotonic() - t0:.1f} s: its time limit is {limit_s:g} s"
+            )
+
+    return check
+
+
 @dataclasses.dataclass
 class _Job:
     scan: KSpaceScan
@@ -324,17 +391,35 @@ class _Job:
     samples: int | None
     context: contextvars.Context  # the submitting connection's (measurement id in every log line)
     future: Future
+    cancel: threading.Event | None = None  # set by the connection: the client went away
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class ReconWorker:
-    """One thread that runs every reconstruction in order (one device, bounded queue)."""
+    """One thread that runs every reconstruction in order (one device, bounded queue).
+
+    ``time_limit(method)`` seconds (``ServiceConfig.time_limit_for``; None: no limit) bound each
+    method run: the diffusion samplers stop at the next step past it (:class:`TimeLimitExceeded`,
+    a TimeoutError) and the fallback reconstructs the scan, or the scan fails without one. The
+    classical methods have no step check; they finish. A job whose ``cancel`` event is set is
+    dropped before it starts or stopped at the next step (:class:`ReconCancelled`, no fallback);
+    :meth:`stop` does the same to every job.
+    """
 
     def __init__(
-        self, *, device: str = "cpu", max_pending: int = 8, fallback: str | None = DEFAULT_FALLBACK_METHOD
+        self,
+        *,
+        device: str = "cpu",
+        max_pending: int = 8,
+        fallback: str | None = DEFAULT_FALLBACK_METHOD,
+        time_limit: Callable[[str], float | None] | None = None,
     ) -> None:
         self.device = device
         self.fallback = fallback  # reconstructs a scan whose method failed (None: the scan fails)
+        self.time_limit = time_limit or (lambda method: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_pending)
+        self._stopping = threading.Event()
+        self._busy: tuple[float, str] | None = None  # (monotonic start, method) of the running job
         self._thread = threading.Thread(target=self._run, name="recon-worker", daemon=True)
         self._thread.start()
 
@@ -342,19 +427,66 @@ class ReconWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, scan: KSpaceScan, method: str, *, samples: int | None = None) -> Future:
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not yet started."""
+        return self._queue.qsize()
+
+    def busy(self) -> tuple[float, str] | None:
+        """``(seconds running, method)`` of the running job, or None when idle."""
+        busy = self._busy
+        return None if busy is None else (time.monotonic() - busy[0], busy[1])
+
+    def stuck(self, *, margin_s: float = 60.0) -> str:
+        """Why the worker looks stuck (running past its method's time limit + ``margin_s``), or ``""``."""
+        busy = self.busy()
+        if busy is None:
+            return ""
+        seconds, method = busy
+        limit = self.time_limit(method)
+        if limit is not None and seconds > limit + margin_s:
+            return f"{method} running for {seconds:.0f} s (time limit {limit:g} s)"
+        return ""
+
+    def submit(
+        self,
+        scan: KSpaceScan,
+        method: str,
+        *,
+        samples: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Future:
         """Queue a scan; the future resolves to its volumes (:func:`reconstruct_all`) or its exception."""
+        if self._stopping.is_set():
+            raise ServiceStopping("server shutting down")
         future: Future = Future()
-        self._queue.put(_Job(scan, method, samples, contextvars.copy_context(), future))
+        self._queue.put(_Job(scan, method, samples, contextvars.copy_context(), future, cancel))
+        ops_metrics.QUEUE_WAITING.set(self._queue.qsize())
         return future
+
+    def _cancelled(self, job: _Job) -> ReconCancelled | None:
+        if self._stopping.is_set():
+            return ServiceStopping("server shutting down")
+        if job.cancel is not None and job.cancel.is_set():
+            return ReconCancelled("the client went away")
+        return None
 
     def _run(self) -> None:
         while True:
             job = self._queue.get()
+            ops_metrics.QUEUE_WAITING.set(self._queue.qsize())
             if job is None:
                 return
             if not job.future.set_running_or_notify_cancel():
                 continue
+            stop = self._cancelled(job)
+            if stop is not None:
+                reason = "shutdown" if isinstance(stop, ServiceStopping) else "client-gone"
+                ops_metrics.job_cancelled(job.method, reason)
+                job.future.set_exception(stop)
+                continue
+            ops_metrics.QUEUE_WAIT.observe(time.monotonic() - job.submitted)
+            self._busy = (time.monotonic(), job.method)
             try:
                 volumes = job.context.run(
                     functools.partial(
@@ -364,15 +496,44 @@ class ReconWorker:
                         device=self.device,
                         samples=job.samples,
                         fallback=self.fallback,
+                        time_limit=self.time_limit,
+                        cancelled=functools.partial(self._cancelled, job),
                     )
                 )
                 job.future.set_result(volumes)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting connection
+                if isinstance(exc, ReconCancelled):
+                    reason = "shutdown" if isinstance(exc, ServiceStopping) else "client-gone"
+                    ops_metrics.job_cancelled(job.method, reason)
                 job.future.set_exception(exc)
+            finally:
+                self._busy = None
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Drop the queued jobs (:class:`ServiceStopping`), stop the running one at its next step
+        and end the thread; True when it ended within ``timeout_s``."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ServiceStopping("server shutting down"))
+        try:
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        self.stop(5.0)
+
+
+#: Seconds between two looks at ``poll`` while a connection waits for its reconstruction.
+POLL_INTERVAL_S = 0.2
 
 
 class ReconService:
@@ -390,28 +551,74 @@ class ReconService:
         self.sinks = list(sinks or [])
 
     def run(
-        self, scans: list[KSpaceScan], *, method: str | None = None, samples: int | None = None
+        self,
+        scans: list[KSpaceScan],
+        *,
+        method: str | None = None,
+        samples: int | None = None,
+        delivery: DeliveryLog | None = None,
+        cancel: threading.Event | None = None,
+        poll: Callable[[], None] | None = None,
     ) -> list[ImageVolume]:
         """Reconstruct each scan (``method`` overrides the per-contrast choice) and feed the sinks.
 
         Returns every volume in scan order: each image, followed by its SD map when posterior
-        samples were drawn.
+        samples were drawn. ``poll()`` is called every :data:`POLL_INTERVAL_S` while waiting; an
+        exception it raises ends the wait (``cancel`` is set first, so the worker drops or stops
+        the jobs). ``delivery`` records the volumes planned and those every sink took; volumes it
+        already holds are not delivered again (a restart after a crash).
         """
-        futures = [
-            self.worker.submit(scan, method or self.methods(scan.contrast), samples=samples) for scan in scans
-        ]
-        volumes = [volume for f in futures for volume in f.result()]
-        for volume in volumes:
-            for sink in self.sinks:
-                # A failing output (e.g. DICOM refused for missing identifiers) must not cost the
-                # peer its images: log it with the scan id and go on; the sink keeps what it wrote.
-                try:
-                    sink(volume)
-                except (ValueError, OSError) as exc:
-                    log.error(
-                        "measurement %s: output %s failed: %s",
-                        volume.measurement_id,
-                        getattr(sink, "__name__", type(sink).__name__),
-                        exc,
-                    )
+        cancel = cancel if cancel is not None else threading.Event()
+        try:
+            futures = [
+                self.worker.submit(
+                    scan, method or self.methods(scan.contrast), samples=samples, cancel=cancel
+                )
+                for scan in scans
+            ]
+            volumes = [volume for f in futures for volume in self._wait(f, poll)]
+        except BaseException:
+            cancel.set()
+            raise
+        self.deliver(volumes, delivery)
         return volumes
+
+    @staticmethod
+    def _wait(future: Future, poll: Callable[[], None] | None) -> list[ImageVolume]:
+        while poll is not None:
+            done, _ = futures_wait([future], timeout=POLL_INTERVAL_S)
+            if done:
+                break
+            poll()
+        return future.result()
+
+    def deliver(self, volumes: list[ImageVolume], delivery: DeliveryLog | None = None) -> None:
+        """Every sink, volume by volume; a failing sink is logged (and recorded in ``delivery``)."""
+        from recon_server.dicom.spool import DELIVERY_TAG  # pydicom only when delivering
+
+        if delivery is not None:
+            delivery.planned([volume_key(v) for v in volumes])
+        for volume in volumes:
+            key = volume_key(volume)
+            if delivery is not None and delivery.is_delivered(key):
+                log.info("measurement %s: volume %s was delivered before", volume.measurement_id, key)
+                continue
+            failures = []
+            token = DELIVERY_TAG.set(f"{delivery.tag}/{key}" if delivery is not None else None)
+            try:
+                for sink in self.sinks:
+                    # A failing output (e.g. DICOM refused for missing identifiers) must not cost the
+                    # peer its images: log it with the scan id and go on; the sink keeps what it wrote.
+                    name = getattr(sink, "__name__", type(sink).__name__)
+                    try:
+                        sink(volume)
+                    except (ValueError, OSError) as exc:
+                        log.error("measurement %s: output %s failed: %s", volume.measurement_id, name, exc)
+                        failures.append(f"output {name}: {type(exc).__name__}: {exc}")
+            finally:
+                DELIVERY_TAG.reset(token)
+            if delivery is not None:
+                if failures:
+                    delivery.output_failed(key, "; ".join(failures))
+                else:
+                    delivery.delivered(key)

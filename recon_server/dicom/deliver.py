@@ -12,11 +12,12 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 
 from recon_server.dicom.config import DicomConfig
 from recon_server.dicom.sender import PacsSender
-from recon_server.dicom.spool import Spool
+from recon_server.dicom.spool import DELIVERY_TAG, Spool
 from recon_server.dicom.writer import (
     GENERATED_STUDY_UID_NOTE,
     MISSING_PATIENT_ID_NOTE,
@@ -45,13 +46,18 @@ def store_series(
     :class:`MissingIdentifierError` when destinations are configured but the header has no
     PatientID or StudyInstanceUID (the files are written to ``output_dir`` but not spooled)
     unless ``config.allow_missing_identifiers``. ``worker`` is woken to send at once.
+
+    With destinations, a marker (:meth:`Spool.begin_series`, tagged with the journal delivery
+    :data:`~recon_server.dicom.spool.DELIVERY_TAG`) is written before the first file and closed
+    after the last image is spooled, so that a restart after a crash anywhere in between
+    finishes the series or leaves it to the journal (:meth:`Spool.reconcile`).
     """
     datasets = build_series(volume, uid_root=config.uid_root, manufacturer=config.manufacturer)
     series_uid = str(datasets[0].SeriesInstanceUID)
     series_dir = config.output_dir / series_uid
-    paths = [write_atomic(ds, series_dir / f"IM{int(ds.InstanceNumber):05d}.dcm") for ds in datasets]
+    targets = [series_dir / f"IM{int(ds.InstanceNumber):05d}.dcm" for ds in datasets]
     if not config.destinations:
-        return paths
+        return [write_atomic(ds, path) for ds, path in zip(datasets, targets, strict=True)]
     comments = str(datasets[0].get("ImageComments", ""))
     missing = [
         name
@@ -62,6 +68,7 @@ def store_series(
         if note in comments
     ]
     if missing and not config.allow_missing_identifiers:
+        paths = [write_atomic(ds, path) for ds, path in zip(datasets, targets, strict=True)]
         raise MissingIdentifierError(
             f"not sending series {series_uid} to {', '.join(d.name for d in config.destinations)}: "
             f"the ISMRMRD header has no {' and '.join(missing)}; the files are in {series_dir} "
@@ -70,12 +77,14 @@ def store_series(
         )
     spool = Spool(config.spool_dir)
     names = [d.name for d in config.destinations]
-    for ds in datasets:
+    sops = [str(ds.SOPInstanceUID) for ds in datasets]
+    spool.begin_series(series_uid, files=targets, sop_uids=sops, destinations=names, tag=DELIVERY_TAG.get())
+    paths = [write_atomic(ds, path) for ds, path in zip(datasets, targets, strict=True)]
+    for ds, sop in zip(datasets, sops, strict=True):
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        spool.enqueue(
-            buffer.getvalue(), series_uid=series_uid, sop_uid=str(ds.SOPInstanceUID), destinations=names
-        )
+        spool.enqueue(buffer.getvalue(), series_uid=series_uid, sop_uid=sop, destinations=names)
+    spool.end_series(series_uid)
     log.info(
         "series %s: %d images written to %s and spooled for %s", series_uid, len(paths), series_dir, names
     )
@@ -120,6 +129,19 @@ class SenderWorker:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("dicom sender did not stop within %.0f s", timeout_s)
+
+    def drain_and_stop(self, timeout_s: float) -> int:
+        """Keep sending until nothing is pending or ``timeout_s`` passed, then :meth:`stop`;
+        returns the images still pending (sent after the restart)."""
+        deadline = time.monotonic() + timeout_s
+        names = [d.name for d in self.config.destinations]
+        self.wake()
+        while self.alive and time.monotonic() < deadline:
+            if sum(self.sender.spool.pending_count(name) for name in names) == 0:
+                break
+            time.sleep(0.1)
+        self.stop(max(1.0, deadline - time.monotonic()))
+        return sum(self.sender.spool.pending_count(name) for name in names)
 
     @property
     def alive(self) -> bool:

@@ -7,29 +7,80 @@ Layout (one sub-folder per destination, so each PACS drains independently)::
       <destination>/pending/<SeriesUID>/<SOPInstanceUID>.dcm
       <destination>/quarantine/<SeriesUID>/<SOPInstanceUID>.dcm
       <destination>/quarantine/<SeriesUID>/<SOPInstanceUID>.reason.json
+      series/<SeriesUID>.json                series being written and spooled (crash recovery)
 
 Enqueue: write to ``tmp/``, fsync the file, hard-link (or copy + fsync) it into each
 destination's ``pending/<series>/``, rename into place, fsync the folders, remove the temp
 file. After :meth:`Spool.enqueue` returns the image survives a crash or power loss. A file is
 removed from ``pending/`` only by :meth:`Spool.complete` (after the PACS confirmed it) or moved
 by :meth:`Spool.quarantine` (permanent failure; the reason is written first).
+
+Series markers: :func:`~recon_server.dicom.deliver.store_series` records a series in
+``series/<SeriesUID>.json`` (files, SOPInstanceUIDs, destinations, the journal's delivery tag;
+state ``writing``) before its first file is written, and marks it ``spooled`` after its last image
+is enqueued. :meth:`Spool.reconcile` (at ``serve`` start) enqueues again every image of a
+``writing`` series whose files are all there, drops the marker of one a crash cut while its files
+were written (nothing of it was spooled; the journal reconstructs the scan), and reports the tags
+of finished series to the journal (docs/dicom.md "Spool layout and guarantees").
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from recon_server.dicom.writer import fsync_dir
 
+log = logging.getLogger(__name__)
+
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+#: The journal delivery (``"<journal entry>/<volume key>"``) whose sinks are running, set by
+#: ``pipeline.ReconService`` around them; :func:`deliver.store_series` records it in the marker.
+DELIVERY_TAG: ContextVar[str | None] = ContextVar("recon_server_delivery_tag", default=None)
+SERIES_DIR = "series"
+WRITING, SPOOLED = "writing", "spooled"
+
+
+@dataclass
+class ReconcileReport:
+    """What :meth:`Spool.reconcile` did at start."""
+
+    respooled: int = 0  # series spooled again (every image)
+    images: int = 0
+    dropped: int = 0  # series a crash cut while its files were written (left to the journal)
+    delivered_tags: set[str] = field(default_factory=set)
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -249,6 +300,135 @@ class Spool:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    # ---- series being written (crash recovery) -----------------------------------------
+
+    def series_marker(self, series_uid: str) -> Path:
+        return self.root / SERIES_DIR / f"{_check_uid(series_uid, 'SeriesInstanceUID')}.json"
+
+    def begin_series(
+        self,
+        series_uid: str,
+        *,
+        files: Sequence[Path],
+        sop_uids: Sequence[str],
+        destinations: Iterable[str],
+        tag: str | None = None,
+    ) -> None:
+        """Record, before the first file of a series is written, what the series will be.
+
+        :meth:`reconcile` finishes a series whose marker a crash left (module docstring).
+        """
+        record = {
+            "series_uid": series_uid,
+            "files": [str(Path(f).resolve()) for f in files],
+            "sop_uids": [_check_uid(uid, "SOPInstanceUID") for uid in sop_uids],
+            "destinations": list(destinations),
+            "tag": tag,
+            "state": WRITING,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        marker = self.series_marker(series_uid)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(marker, record)
+
+    def end_series(self, series_uid: str) -> None:
+        """Every image of the series is in the spool: drop the marker, or (tagged by a journal
+        delivery) keep it as ``spooled`` until the journal releases the tag."""
+        marker = self.series_marker(series_uid)
+        record = _read_json(marker)
+        if record is None or not record.get("tag"):
+            marker.unlink(missing_ok=True)
+            fsync_dir(marker.parent)
+            return
+        record["state"] = SPOOLED
+        _write_json(marker, record)
+
+    def release(self, prefix: str) -> int:
+        """Remove the markers whose tag is ``<prefix>/...`` (the journal entry is finished)."""
+        removed = 0
+        for marker, record in self._markers():
+            tag = str(record.get("tag") or "")
+            if tag.startswith(f"{prefix}/"):
+                marker.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            fsync_dir(self.root / SERIES_DIR)
+        return removed
+
+    def _markers(self) -> list[tuple[Path, dict[str, Any]]]:
+        folder = self.root / SERIES_DIR
+        if not folder.is_dir():
+            return []
+        out = []
+        for marker in sorted(folder.glob("*.json")):
+            record = _read_json(marker)
+            if record is None:
+                log.error("series marker %s unreadable; removed", marker)
+                marker.unlink(missing_ok=True)
+                continue
+            out.append((marker, record))
+        return out
+
+    def reconcile(self) -> ReconcileReport:
+        """Finish what a crash left between the output folder and the spool (at start).
+
+        A series marked ``writing`` whose files all exist (each holding the SOPInstanceUID the
+        marker names) is enqueued again, every image: images already sent are sent once more and
+        the PACS keeps its first copy (same SOPInstanceUID). A series with a file missing was
+        never spooled (enqueueing starts after the last file is written): its marker is dropped
+        and the journal reconstructs the scan again. ``spooled`` markers report their tags.
+        """
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+
+        report = ReconcileReport()
+        for marker, record in self._markers():
+            tag = record.get("tag")
+            if record.get("state") == SPOOLED:
+                if tag:
+                    report.delivered_tags.add(str(tag))
+                continue
+            series_uid = str(record.get("series_uid", marker.stem))
+            files = [Path(p) for p in record.get("files", [])]
+            sops = [str(s) for s in record.get("sop_uids", [])]
+            complete = bool(files) and len(files) == len(sops)
+            for path, sop in zip(files, sops, strict=False):
+                try:
+                    found = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                except (OSError, InvalidDicomError, AttributeError, ValueError):
+                    found = ""
+                if found != sop:
+                    complete = False
+                    break
+            if not complete:
+                log.warning(
+                    "series %s was being written when the server stopped; none of it was spooled "
+                    "(its scan is reconstructed again from the journal)",
+                    series_uid,
+                )
+                marker.unlink(missing_ok=True)
+                fsync_dir(marker.parent)
+                report.dropped += 1
+                continue
+            for path, sop in zip(files, sops, strict=True):
+                self.enqueue(
+                    path.read_bytes(),
+                    series_uid=series_uid,
+                    sop_uid=sop,
+                    destinations=record.get("destinations", []),
+                )
+            log.warning(
+                "series %s: %d images spooled again after a restart (the PACS keeps one copy of each)",
+                series_uid,
+                len(files),
+            )
+            report.respooled += 1
+            report.images += len(files)
+            if tag:
+                report.delivered_tags.add(str(tag))
+            self.end_series(series_uid)
+        return report
 
     @staticmethod
     def _remove_if_empty(folder: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -295,8 +296,11 @@ def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[Image
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from recon_server.dicom.deliver import SenderWorker, store_series
+    from recon_server.dicom.spool import Spool
     from recon_server.mrd.gadget import GadgetronListener
+    from recon_server.mrd.journal import Journal
     from recon_server.mrd.server import StreamServer
+    from recon_server.ops.http import queue_ready
     from recon_server.ops.logs import configure_logging
     from recon_server.ops.runtime import start_ops
     from recon_server.pipeline import ReconWorker
@@ -316,42 +320,121 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(app.ops.log_format, args.log_level if args.log_level != "INFO" else app.ops.log_level)
     if app.source is not None:
         log.info("configuration %s", app.source)
+    done = threading.Event()
+    # Set at once, so that a SIGTERM during the start (model load, recovery) is not lost.
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
     sinks = [_timed("npy", volume_npy_sink(config.output_dir))] if config.output_dir else []
-    stoppers: list[Callable[[], None]] = []
     dicom = app.dicom
     sender = None
+    spool = None
+    reconciled: set[str] = set()
     if dicom is not None:
+        if dicom.destinations:
+            spool = Spool(dicom.spool_dir)
+            report = spool.reconcile()  # before anything new is written (docs/dicom.md)
+            reconciled = report.delivered_tags
+            if report.respooled or report.dropped:
+                log.warning(
+                    "DICOM spool after a restart: %d series spooled again (%d images), %d unfinished "
+                    "series left to the journal",
+                    report.respooled,
+                    report.images,
+                    report.dropped,
+                )
         sender = SenderWorker(dicom).start() if dicom.destinations else None
         sinks.append(_timed("dicom", functools.partial(store_series, config=dicom, worker=sender)))
-        if sender is not None:
-            stoppers.append(functools.partial(sender.stop, 30.0))
         print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
+    journal = None
+    if config.journal_dir is not None:
+        journal = Journal(
+            config.journal_dir,
+            failed_dir=config.failed_scans_dir,
+            on_release=spool.release if spool is not None else None,
+        )
     worker = ReconWorker(
-        device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+        device=config.device,
+        max_pending=config.max_pending_scans,
+        fallback=config.fallback_method,
+        time_limit=config.time_limit_for,
     )
-    ops_server, _, stop_ops = start_ops(app, worker=worker, sender=sender)
-    stoppers.append(stop_ops)
-    if ops_server is not None and ops_server.address is not None:
-        host, port = ops_server.address
-        print(f"recon-server: health and metrics on http://{host}:{port}", flush=True)
+    ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=sender)
+    if ops_server is not None:
+        ops_server.checks["recon_queue"] = queue_ready(worker, config.ready_queue_threshold)
+        if ops_server.address is not None:
+            host, port = ops_server.address
+            print(f"recon-server: health and metrics on http://{host}:{port}", flush=True)
+    server = listener = None
     if not config.gadgetron_only:
-        server = StreamServer(config, sinks=sinks, worker=worker)
+        server = StreamServer(config, sinks=sinks, worker=worker, journal=journal)
         host, port = server.start()
         print(f"recon-server: MRD stream server on {host}:{port}", flush=True)
-        stoppers.append(server.stop)
+        if ops_server is not None:
+            accepting = server
+
+            def accepting_check() -> tuple[bool, str]:
+                down = accepting.shutting_down
+                return not down, "shutting down" if down else "accepting streams"
+
+            ops_server.checks["accepting"] = accepting_check
     if config.gadgetron_port is not None:
         listener = GadgetronListener(config, sinks=sinks, worker=worker)
         host, port = listener.start()
         print(f"recon-server: Gadgetron <connect> listener on {host}:{port}", flush=True)
-        stoppers.append(listener.stop)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    recovery = None
+    if journal is not None and server is not None:
+        recovery = threading.Thread(
+            target=server.recover, args=(reconciled,), name="journal-recovery", daemon=True
+        )
+        recovery.start()
     try:
         done.wait()
     except KeyboardInterrupt:
         pass
-    for stop in reversed(stoppers):
-        stop()
+    return _shutdown(
+        config,
+        worker=worker,
+        server=server,
+        listener=listener,
+        sender=sender,
+        loader=loader,
+        stop_ops=stop_ops,
+    )
+
+
+def _shutdown(
+    config: ServiceConfig,
+    *,
+    worker: Any,
+    server: Any,
+    listener: Any,
+    sender: Any,
+    loader: Any,
+    stop_ops: Callable[[], None],
+) -> int:
+    """SIGTERM: stop accepting, let running scans finish or leave them to the journal (clients get
+    ``ERR server shutting down`` + CLOSE), stop the worker, drain the spool for a bounded time, exit 0.
+
+    The worker thread is joined before the interpreter exits: torch's threads still running at
+    exit aborted the process (``terminate called without an active exception``).
+    """
+    log.info("shutting down: no new connections; running scans get %.0f s", config.shutdown_grace_s)
+    if listener is not None:
+        listener.stop()
+    if server is not None:
+        server.shutdown(config.shutdown_grace_s)
+    if not worker.stop(config.shutdown_grace_s + 10.0):
+        log.error("the reconstruction worker did not stop; exiting without it")
+        stop_ops()
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+    if sender is not None:
+        left = sender.drain_and_stop(config.shutdown_drain_s)
+        if left:
+            log.warning("%d image(s) stay in the DICOM spool; they are sent after the restart", left)
+    loader.wait(10.0)  # a model still loading runs torch too
+    stop_ops()
+    log.info("stopped")
     return 0
 
 

@@ -32,12 +32,14 @@ one :class:`~recon_server.pipeline.ReconWorker` queue.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import ismrmrd
@@ -55,9 +57,18 @@ from recon_server.mrd.client_config import (
     text_options,
     unknown_config_names,
 )
+from recon_server.mrd.journal import RECEIVING, Journal, JournalEntry
+from recon_server.mrd.journal import recover as journal_recover
 from recon_server.ops import logs as ops_logs
 from recon_server.ops import metrics
-from recon_server.pipeline import ReconService, ReconWorker, Sink, fallback_note
+from recon_server.pipeline import (
+    ReconCancelled,
+    ReconService,
+    ReconWorker,
+    ServiceStopping,
+    Sink,
+    fallback_note,
+)
 from recon_server.recon.methods import METHODS
 from recon_server.scan import ImageVolume
 
@@ -146,9 +157,20 @@ class StreamSession:
     """
 
     def __init__(
-        self, reader: wire.WireReader, *, keep_acquisitions: bool = False, calibration_lines: str = "auto"
+        self,
+        reader: wire.WireReader,
+        *,
+        keep_acquisitions: bool = False,
+        calibration_lines: str = "auto",
+        journal: Journal | None = None,
+        allowed_methods: frozenset[str] | None = None,
+        peer: object = "",
     ) -> None:
         self.reader = reader
+        self.journal = journal
+        self.entry: JournalEntry | None = None  # this stream's raw data on disk (mrd.journal)
+        self.allowed_methods = allowed_methods  # what a client may ask for (None: any)
+        self.peer = peer
         self.calibration_lines = calibration_lines
         self.config_name = ""
         self.options: dict = {}
@@ -166,6 +188,13 @@ class StreamSession:
             if self.assembler is not None:
                 self.assembler.config = self.options
         self.method = requested_method(self.options, self.config_name)
+        if self.method is not None and self.allowed_methods is not None:
+            if self.method not in self.allowed_methods:
+                raise ClientConfigError(
+                    f"method {self.method!r} may not be requested by a client on this server (allowed: "
+                    f"{', '.join(sorted(self.allowed_methods))}; the administrator enables more with "
+                    "[recon] allowed_client_methods)"
+                )
         self.samples = samples_override(self.options)
 
     def read(self) -> Assembler:
@@ -189,11 +218,15 @@ class StreamSession:
         asm = Assembler(msg.xml, config=self.options, calibration_lines=self.calibration_lines)
         ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
         self.assembler = asm
+        if self.journal is not None:
+            self.entry = self.journal.begin(msg.xml, measurement=asm.measurement_id, peer=str(self.peer))
         while True:
             msg = reader.read_message()
             if isinstance(msg, wire.Acquisition):
                 if self.acquisitions is not None:
                     self.acquisitions.append(msg)
+                if self.entry is not None:
+                    self.entry.append(msg)
                 asm.add(msg)
             elif isinstance(msg, wire.Close):
                 return asm
@@ -203,6 +236,9 @@ class StreamSession:
                 if asm.n_lines == 0:
                     self._configure(json_options(msg.text))
             elif isinstance(msg, wire.ReconData):
+                if self.entry is not None:  # an ISMRMRD raw file holds acquisitions only
+                    self.entry.remove()
+                    self.entry = None
                 asm.add_recon_data(msg)
             else:
                 raise wire.ProtocolError(f"unexpected {type(msg).__name__} message inside a scan")
@@ -212,13 +248,27 @@ class StreamServer:
     """Accept loop; one thread per connection; one reconstruction worker shared by all."""
 
     def __init__(
-        self, config: ServiceConfig, *, sinks: Sequence[Sink] = (), worker: ReconWorker | None = None
+        self,
+        config: ServiceConfig,
+        *,
+        sinks: Sequence[Sink] = (),
+        worker: ReconWorker | None = None,
+        journal: Journal | None = None,
     ):
         config.check_methods(METHODS)
         self.config = config
         self.worker = worker or ReconWorker(
-            device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+            device=config.device,
+            max_pending=config.max_pending_scans,
+            fallback=config.fallback_method,
+            time_limit=config.time_limit_for,
         )
+        if journal is None and config.journal_dir is not None:
+            journal = Journal(config.journal_dir, failed_dir=config.failed_scans_dir)
+        self.journal = journal
+        self._active: dict[socket.socket, StreamSession] = {}  # connections being served
+        self._shutting_down = threading.Event()
+        self._shutdown_deadline: float | None = None
         self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=list(sinks))
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -282,6 +332,105 @@ class StreamServer:
         log.warning("failed scan kept: %s (%d readouts; replay it with recon-server replay)", path, len(acqs))
         return path
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down.is_set()
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """SIGTERM: stop accepting; running streams get ``grace_s`` to finish (docs/service.md
+        "Durability"), then waiting ones are answered ``ERR server shutting down`` (their scan
+        stays in the journal) and receiving ones are cut (kept as failed)."""
+        self._shutdown_deadline = time.monotonic() + grace_s
+        self._shutting_down.set()
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        while self._active and time.monotonic() < self._shutdown_deadline:
+            time.sleep(0.05)
+        for conn in list(self._active):
+            try:
+                conn.shutdown(socket.SHUT_RD)  # the reader sees the end of the stream
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def recover(self, reconciled: Iterable[str] = ()) -> None:
+        """Finish the journal left by an earlier process (:func:`recon_server.mrd.journal.recover`)."""
+        if self.journal is None:
+            return
+
+        def run(scans: list, entry: JournalEntry) -> None:  # type: ignore[type-arg]
+            record = entry.record
+            with ops_logs.connection_context(f"journal:{entry.id}"):
+                ops_logs.set_measurement(str(record.get("measurement", "")))
+                self.service.run(
+                    scans,
+                    method=record.get("method"),
+                    samples=record.get("samples"),
+                    delivery=entry,
+                    poll=self._poll_shutdown,
+                )
+
+        counts = journal_recover(self.journal, run if self.service.sinks else None, reconciled=reconciled)
+        if any(counts.values()):
+            log.info(
+                "journal after the restart: %d scan(s) delivered, %d kept as failed",
+                counts["delivered"],
+                counts["failed"],
+            )
+
+    def _poll_shutdown(self) -> None:
+        deadline = self._shutdown_deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ServiceStopping("server shutting down")
+
+    def _poll(self, conn: socket.socket) -> None:
+        """While a connection waits for its reconstruction: the end of the grace period, or the
+        client gone when no sink wants the images."""
+        self._poll_shutdown()
+        if not self.service.sinks and peer_gone(conn):
+            raise ReconCancelled("the client closed the connection before its images were ready")
+
+    def _finish_entry(self, session: StreamSession) -> None:
+        """The images went to every sink: drop the journal entry, or keep the scan as failed."""
+        entry, session.entry = session.entry, None
+        if entry is None:
+            return
+        if entry.complete:
+            entry.remove()
+        else:
+            entry.fail(f"outputs failed: {entry.output_error() or 'nothing delivered'}")
+
+    def _keep(self, session: StreamSession, exc: Exception) -> Path | None:
+        """Keep a failed scan's raw data: the journal entry moves to the failed scans, or (no
+        journal) what arrived is written there."""
+        entry, session.entry = session.entry, None
+        if entry is None:
+            return self._keep_failed(session, exc)
+        if isinstance(exc, ClientConfigError):
+            entry.remove()  # a configuration the server refused, not a failed scan
+            return None
+        return entry.fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+
+    def _report_shutdown(
+        self, writer: wire.WireWriter, peer: object, *, journaled: bool = False, kept: Path | None = None
+    ) -> None:
+        metrics.STREAMS.inc(listener="mrd", outcome="shutdown")
+        if journaled:
+            note = "; the scan is kept and reconstructed when the server is back"
+        elif kept is not None:
+            note = f" (raw data kept on the server as {kept.name})"
+        else:
+            note = ""
+        log.warning("stream from %s: server shutting down%s", peer, note)
+        try:
+            writer.send(wire.Text(f"ERR server shutting down{note}"), flush=False)
+            writer.send(wire.Close())
+        except OSError as exc:
+            log.info("could not tell %s: %s", peer, exc)
+
     def _warn_unknown_config(self, session: StreamSession, scans: Sequence[object]) -> None:
         """One warning when the client named a configuration that is not a method here."""
         names = unknown_config_names(session.options, session.config_name)
@@ -320,13 +469,19 @@ class StreamServer:
         writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
         session = StreamSession(
             reader,
-            keep_acquisitions=self.config.failed_scans_dir is not None,
+            keep_acquisitions=self.journal is None and self.config.failed_scans_dir is not None,
             calibration_lines=self.config.calibration_lines,
+            journal=self.journal,
+            allowed_methods=self.config.client_methods(),
+            peer=peer,
         )
+        self._active[conn] = session
         try:
             t0 = time.perf_counter()
             asm = session.read()
             method, samples = session.method, session.samples
+            if session.entry is not None:
+                session.entry.seal(method=method, samples=samples, options=session.options)
             scans = asm.finish()
             if method is None:
                 self._warn_unknown_config(session, scans)
@@ -338,8 +493,15 @@ class StreamServer:
                 seconds=time.perf_counter() - t0,
             )
             with metrics.in_service("mrd", len(scans)):
-                volumes = self.service.run(scans, method=method, samples=samples)
+                volumes = self.service.run(
+                    scans,
+                    method=method,
+                    samples=samples,
+                    delivery=session.entry,
+                    poll=functools.partial(self._poll, conn),
+                )
             metrics.volumes_done(volumes)
+            self._finish_entry(session)
             t_send = time.perf_counter()
             count = 0
             for volume in volumes:
@@ -356,12 +518,26 @@ class StreamServer:
                 len(scans),
                 count,
             )
+        except ServiceStopping:
+            # Received in full but not reconstructed: a restart reconstructs it from the journal.
+            if session.entry is not None:
+                session.entry.leave()
+            self._report_shutdown(writer, peer, journaled=session.entry is not None)
+        except ReconCancelled as exc:  # the client went away and no sink wants the images
+            metrics.stream_failed("mrd", exc)
+            log.warning("stream from %s: %s; reconstruction dropped", peer, exc)
+            self._keep(session, exc)
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
-            self._report_failure(writer, peer, exc, self._keep_failed(session, exc))
+            receiving = session.entry is None or session.entry.state == RECEIVING
+            if self._shutting_down.is_set() and receiving and not isinstance(exc, ClientConfigError):
+                self._report_shutdown(writer, peer, kept=self._keep(session, exc))
+            else:
+                self._report_failure(writer, peer, exc, self._keep(session, exc))
         except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
             log.exception("stream from %s: internal error", peer)
-            self._report_failure(writer, peer, exc, self._keep_failed(session, exc))
+            self._report_failure(writer, peer, exc, self._keep(session, exc))
         finally:
+            self._active.pop(conn, None)
             for stream in (reader.stream, writer.stream):
                 try:
                     stream.close()  # type: ignore[union-attr]
@@ -386,3 +562,20 @@ def close_gracefully(conn: socket.socket, *, drain_s: float = 1.0, max_drain: in
         pass
     finally:
         conn.close()
+
+
+def peer_gone(conn: socket.socket) -> bool:
+    """True when the peer closed (or reset) the connection; bytes waiting mean it is still there.
+
+    Looks without blocking (``poll`` with no wait, then a one-byte ``MSG_PEEK``).
+    """
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN | select.POLLERR | select.POLLHUP)
+        if not poller.poll(0):
+            return False
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True

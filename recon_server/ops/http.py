@@ -9,9 +9,10 @@ Routes (GET only; anything else is 404/405):
               ``{"ready": bool, "checks": {name: {"ok": bool, "detail": str}}}``.
 ``/metrics``  the registry in the Prometheus text format (``text/plain; version=0.0.4``).
 
-Checks are plain callables returning ``(ok, detail)``; :func:`spool_writable` and
-:func:`thread_alive` build the usual ones. The endpoint binds ``127.0.0.1`` by default: metrics
-name measurement ids nowhere, but the port still belongs on a management network only.
+Checks are plain callables returning ``(ok, detail)``; :func:`spool_writable`,
+:func:`thread_alive` and :func:`queue_ready` build the usual ones. The endpoint binds
+``127.0.0.1`` by default: metrics name measurement ids nowhere, but the port still belongs on a
+management network only.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def spool_writable(folder: Path) -> Check:
         except OSError as exc:
             return False, f"{folder} not writable: {exc}"
         return True, f"{folder} writable"
+
+    return check
+
+
+def queue_ready(worker: object, threshold: int, *, stuck_margin_s: float = 60.0) -> Check:
+    """Not ready while more than ``threshold`` scans wait for the reconstruction worker, or while
+    it is stuck (its job running past the method's time limit + ``stuck_margin_s``)."""
+
+    def check() -> tuple[bool, str]:
+        stuck = getattr(worker, "stuck", None)
+        why = stuck(margin_s=stuck_margin_s) if callable(stuck) else ""
+        if why:
+            return False, f"reconstruction worker stuck: {why}"
+        waiting = int(getattr(worker, "waiting", 0))
+        return waiting <= threshold, f"{waiting} scans waiting (threshold {threshold})"
 
     return check
 

@@ -296,6 +296,19 @@ FALLBACKS = REGISTRY.counter(
     "by configured method, fallback and reason (model-missing, cuda-unavailable, out-of-memory, error).",
     ("method", "fallback", "reason"),
 )
+QUEUE_WAITING = REGISTRY.gauge(
+    "recon_server_queue_waiting_scans", "Scans queued for the reconstruction worker and not yet started."
+)
+QUEUE_WAIT = REGISTRY.histogram(
+    "recon_server_queue_wait_seconds",
+    "Seconds each reconstruction job waited in the queue before it started.",
+)
+CANCELLED = REGISTRY.counter(
+    "recon_server_jobs_cancelled_total",
+    "Reconstruction jobs dropped or stopped before their end, by method and reason "
+    "(client-gone: the client closed the connection and no sink wanted the images; shutdown).",
+    ("method", "reason"),
+)
 INFO = REGISTRY.gauge(
     "recon_server_info",
     "Constant 1, labelled with the version, backend and inference provider.",
@@ -369,6 +382,11 @@ def stream_done(listener: str, *, images: int, send_seconds: float) -> None:
 def fallback_used(method: str, fallback: str, reason: str) -> None:
     """A scan's configured ``method`` failed (``reason`` class) and ``fallback`` made its images."""
     FALLBACKS.inc(method=method, fallback=fallback, reason=reason)
+
+
+def job_cancelled(method: str, reason: str) -> None:
+    """A reconstruction job was dropped or stopped (``client-gone``, ``shutdown``)."""
+    CANCELLED.inc(method=method, reason=reason)
 
 
 def stream_failed(listener: str, exc: BaseException) -> None:

@@ -54,7 +54,9 @@ end of the schedule.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,11 +70,14 @@ __all__ = [
     "DenoiseFn",
     "ForwardModel",
     "SampleResult",
+    "SamplingStopped",
+    "check_stop",
     "dds_sample",
     "dps_sample",
     "dps_step",
     "randn",
     "residual_norm",
+    "stop_check",
     "to_channels",
     "to_complex",
 ]
@@ -268,6 +273,7 @@ def dps_sample(
     x, _ = _start(y, forward_op, init, float(sigmas[0]), generator, support)
     nfe = 0
     for i in range(steps):
+        check_stop()
         x, x0, rn, n = dps_step(
             denoise,
             forward_op,
@@ -334,6 +340,7 @@ def dds_sample(
         b = x.shape[0]
         z = to_complex(x)
         for i in range(steps):
+            check_stop()
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             x0 = denoise(x, torch.full((b,), s, dtype=torch.float32, device=x.device)).float()
             x0 = _restrict(x0, support)
@@ -367,3 +374,32 @@ def dds_sample(
         "warm_start": init is not None,
     }
     return SampleResult(z, steps, 0, residual_norm(forward_op, z, y), settings)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class SamplingStopped(TimeoutError):
+    """A sampler stopped between two steps because its stop check said so (e.g. a time limit)."""
+
+
+_STOP_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("recon_server_stop_check", default=None)
+
+
+@contextmanager
+def stop_check(check: Callable[[], None] | None) -> Iterator[None]:
+    """Samplers run in this context call ``check()`` before every step; it raises to stop them
+    (:class:`SamplingStopped` or a subclass for a time limit; the caller's own exception for a
+    cancellation). The reconstruction worker sets it per job (``pipeline``)."""
+    token = _STOP_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _STOP_CHECK.reset(token)
+
+
+def check_stop() -> None:
+    """Call the context's stop check, if any (see :func:`stop_check`)."""
+    check = _STOP_CHECK.get()
+    if check is not None:
+        check()

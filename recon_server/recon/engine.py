@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from recon_server.recon.classic import cg_sense
-from recon_server.recon.dps import DenoiseFn, SampleResult, dds_sample, dps_sample
+from recon_server.recon.dps import DenoiseFn, SampleResult, check_stop, dds_sample, dps_sample
 from recon_server.recon.sense import SenseOperator
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ def reconstruct_volume(
     nfe = 0
     residuals = torch.empty(len(items))
     for start in range(0, len(items), batch_size):
+        check_stop()  # the worker's time limit / cancellation, also between batches
         batch = items[start : start + batch_size]
         result = run(batch)
         nfe = result.nfe

@@ -81,7 +81,11 @@ def diffusion_settings() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def server(diffusion_settings: None) -> Iterator[StreamServer]:
-    srv = StreamServer(ServiceConfig(port=0, default_method="cg-sense", socket_timeout_s=120))
+    # Every method through the server, faithful dps included (opt-in for clients: issue 14).
+    config = ServiceConfig(
+        port=0, default_method="cg-sense", socket_timeout_s=120, allowed_client_methods=("*",)
+    )
+    srv = StreamServer(config)
     srv.start()
     yield srv
     srv.stop()
