@@ -208,6 +208,8 @@ def reconstruct_all(
         with stop_check(_stop_check(method, limit(method), cancelled)):
             return _reconstruct_all(scan, method=method, device=device, samples=samples)
     except FALLBACK_ERRORS as exc:
+        if isinstance(exc, ReconCancelled):
+            raise
         if isinstance(exc, NoCalibrationError) and fallback is not None:
             fallback = MAPLESS_METHOD
         if fallback is None or fallback == method:
@@ -230,6 +232,8 @@ def reconstruct_all(
             with stop_check(_stop_check(fallback, limit(fallback), cancelled)):
                 volumes = _reconstruct_all(scan, method=fallback, device=fallback_device, samples=samples)
         except FALLBACK_ERRORS as exc2:
+            if isinstance(exc2, ReconCancelled):
+                raise
             raise FallbackFailed(
                 f"method {method} failed ({reason}); the fallback {fallback} failed too: "
                 f"{type(exc2).__name__}: {' '.join(str(exc2).split())}"
@@ -330,10 +334,11 @@ def _reconstruct_all(
     return volumes
 
 
-class ReconCancelled(Exception):
+class ReconCancelled(RuntimeError):
     """The job was dropped or stopped between two steps (the client went away, the server stops).
 
-    Not a failure of the method: no fallback reconstructs the scan.
+    Not a failure of the method: no fallback reconstructs the scan. A RuntimeError, so that every
+    connection boundary reports it (the Gadgetron gadget sends ERROR).
     """
 
 
