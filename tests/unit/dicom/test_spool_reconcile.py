@@ -3,6 +3,8 @@ a restart spools every image of it (once per SOPInstanceUID) or leaves it to the
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,10 @@ from recon_server.dicom.spool import DELIVERY_TAG, Spool
 
 @pytest.fixture
 def config(tmp_path: Path) -> DicomConfig:
-    dest = PacsDestination(name="pacs", host="127.0.0.1", port=11112, called_ae="PACS")
+    with socket.socket() as sock:  # a port nobody listens on: nothing is sent
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dest = PacsDestination(name="pacs", host="127.0.0.1", port=port, called_ae="PACS")
     return DicomConfig(
         output_dir=tmp_path / "out",
         spool_dir=tmp_path / "spool",
@@ -74,3 +79,12 @@ def test_crash_while_writing_files_leaves_the_series_to_the_journal(vol, config,
     paths = deliver.store_series(volume, config)  # the journal's reconstruction, later
     assert len(paths) == 4 and len(_pending(config)) == 4
     assert not list((config.spool_dir / "series").glob("*.json"))  # no journal tag: marker gone
+
+
+def test_drain_and_stop_is_bounded_and_keeps_what_is_left(vol, config: DicomConfig) -> None:
+    deliver.store_series(vol.make_volume(n_slices=2), config)  # the PACS port is closed
+    worker = deliver.SenderWorker(config).start()
+    t0 = time.monotonic()
+    assert worker.drain_and_stop(0.5) == 2
+    assert time.monotonic() - t0 < 5 and not worker.alive
+    assert len(_pending(config)) == 2  # sent after the restart
