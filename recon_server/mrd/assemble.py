@@ -110,6 +110,9 @@ LINE_FIELDS = field_reader(
 #: repetition costs a scan's k-space and is held to ``max_scan_bytes``.
 INDEX_TOLERANCE = 1
 STAGING_LINES = 64  # oversampled lines staged and cropped together
+#: Index caps whatever the header says: the returned images' image_series_index (contrast x 1000 +
+#: repetition + 1, SD maps + 500: ``pipeline``) is a uint16 and must stay unique.
+MAX_INDEX = {"contrast": 64, "repetition": 498}
 #: ``calibration_lines``: what calibration-only lines are (module docstring).
 CALIBRATION_LINE_MODES = ("auto", "data", "calibration")
 KNOWN_CONTRASTS = ("FLAIR", "T1POST", "T1", "T2", "PD", "DWI")
@@ -522,6 +525,11 @@ class Assembler:
             maximum = self.index_maxima[name]
             if maximum is not None and value > maximum + INDEX_TOLERANCE:
                 raise self._beyond(line, name, value, maximum)
+            if value > MAX_INDEX[name]:
+                raise ValueError(
+                    f"readout {line}: {name} index {value} beyond {MAX_INDEX[name]}, "
+                    "the most this server takes"
+                )
         if len(self.stores) >= self.limits.max_scans:
             raise ValueError(
                 f"readout {line}: (contrast, repetition) {key} would be scan {len(self.stores) + 1} of "

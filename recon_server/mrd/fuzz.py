@@ -22,12 +22,15 @@ sensitivities); :class:`Mutator` derives malformed streams from it, one of :data
 ``json``          hostile JSON TEXT (unknown method, samples out of range, deep nesting)
 ``meas-id``       a valid scan with a 300-character or newline-holding measurement id that fails
 
-Each item says whether the stream carries the header and at least one readout before it goes
-wrong (``sends_data``): such a stream, when it fails, is what a server keeps as a failed scan.
+Each item says whether a server reading it gets the header and at least one readout
+(``sends_data``, :func:`carries_readouts`): such a stream, when it fails, is what a server keeps
+as a failed scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,7 +149,23 @@ def stream(scan: Scan, *, header: str | None = None, readouts: list[wire.Acquisi
 class Hostile:
     kind: str
     payload: bytes
-    sends_data: bool  # header + at least one readout arrive before it goes wrong
+    sends_data: bool = False  # a server gets a header and readouts from it (carries_readouts)
+
+
+def carries_readouts(payload: bytes) -> bool:
+    """Whether a stream server reading ``payload`` gets a header and at least one readout (what
+    it keeps as a failed scan when the stream then fails): read with the server's own session."""
+    from recon_server.mrd.client_config import ClientConfigError
+    from recon_server.mrd.server import StreamSession
+
+    session = StreamSession(wire.WireReader(io.BytesIO(payload)), keep_acquisitions=True)
+    try:
+        session.read()
+    except ClientConfigError:
+        return False  # refused before the readouts: not a failed scan
+    except (ValueError, OSError, RuntimeError):  # RecursionError is a RuntimeError
+        pass
+    return bool(session.header_xml and session.acquisitions)
 
 
 def _acq(acq: wire.Acquisition, **fields: int) -> wire.Acquisition:
@@ -172,7 +191,8 @@ class Mutator:
         while True:
             kind = KINDS[i] if i < len(KINDS) else KINDS[int(self.rng.integers(len(KINDS)))]
             i += 1
-            yield getattr(self, "_" + kind.replace("-", "_"))()
+            item = getattr(self, "_" + kind.replace("-", "_"))()
+            yield dataclasses.replace(item, sends_data=carries_readouts(item.payload))
 
     def _int(self, lo: int, hi: int) -> int:
         return int(self.rng.integers(lo, hi))
@@ -185,19 +205,16 @@ class Mutator:
         data = self.rng.integers(0, 256, self._int(0, 4096), dtype=np.uint8).tobytes()
         if self.rng.random() < 0.5:
             data = encode([wire.ConfigFile("default")]) + data
-        return Hostile("random-bytes", data, False)
+        return Hostile("random-bytes", data)
 
     def _truncated(self) -> Hostile:
-        cut = self._int(1, len(self.valid) - 1)
-        header_end = len(encode(self._prefix(0)))
-        sends = cut >= len(encode(self._prefix(1)))
-        return Hostile("truncated", self.valid[:cut], sends and cut > header_end)
+        return Hostile("truncated", self.valid[: self._int(1, len(self.valid) - 1)])
 
     def _bit_flips(self) -> Hostile:
         data = bytearray(self.valid)
         for _ in range(self._int(1, 8)):
             data[self._int(0, len(data))] = self._int(0, 256)
-        return Hostile("bit-flips", bytes(data), False)
+        return Hostile("bit-flips", bytes(data))
 
     def _header_field(self) -> Hostile:
         choice = self._int(0, 7)
@@ -216,9 +233,7 @@ class Mutator:
             xml = header_xml(matrix=(32, 32), channels="-3")
         else:
             xml = header_xml(matrix=(65535, 65535), channels=256)
-        return Hostile(
-            "header-field", stream(self.scan, header=xml, readouts=self.scan.readouts[: n // 2]), False
-        )
+        return Hostile("header-field", stream(self.scan, header=xml, readouts=self.scan.readouts[: n // 2]))
 
     def _bad_xml(self) -> Hostile:
         xml = self.scan.header_xml
@@ -231,7 +246,7 @@ class Mutator:
             xml = xml.replace("<encoding>", "<encoding>\x01\x02</encoding><encoding>", 1)
         else:
             xml = "<!DOCTYPE x [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;'>]>" + xml
-        return Hostile("bad-xml", stream(self.scan, header=xml), False)
+        return Hostile("bad-xml", stream(self.scan, header=xml))
 
     def _index(self) -> Hostile:
         good = self._int(1, len(self.scan.readouts))
@@ -246,7 +261,7 @@ class Mutator:
             *self.scan.readouts[good + 1 :],
             wire.Close(),
         ]
-        return Hostile("index", encode(msgs), True)
+        return Hostile("index", encode(msgs))
 
     def _sizes(self) -> Hostile:
         good = self._int(1, len(self.scan.readouts))
@@ -261,7 +276,7 @@ class Mutator:
         offset = ACQUISITION_HEADER_DTYPE.fields[field][1]  # type: ignore[index]
         struct.pack_into("<H", raw, 2 + offset, value)  # +2: the message id
         payload = encode(self._prefix(good)) + bytes(raw) + encode([wire.Close()])
-        return Hostile("sizes", payload, True)
+        return Hostile("sizes", payload)
 
     def _huge_length(self) -> Hostile:
         choice = self._int(0, 5)
@@ -276,7 +291,7 @@ class Mutator:
         else:
             tail = struct.pack("<HQ", wire.RECON_DATA, 2**63)
         prefix = encode([wire.ConfigFile("default"), wire.Header(self.scan.header_xml)])
-        return Hostile("huge-length", prefix + tail, False)
+        return Hostile("huge-length", prefix + tail)
 
     def _nan(self) -> Hostile:
         good = self._int(1, len(self.scan.readouts))
@@ -288,7 +303,7 @@ class Mutator:
             wire.Acquisition(acq.head, data, acq.traj),
             *self.scan.readouts[good + 1 :],
         ]
-        return Hostile("nan", encode([*msgs, wire.Close()]), True)
+        return Hostile("nan", encode([*msgs, wire.Close()]))
 
     def _unknown_id(self) -> Hostile:
         n = self._int(0, 4)
@@ -297,20 +312,17 @@ class Mutator:
         else:
             image = wire.Image(wire.new_image_head(), "", np.zeros((1, 1, 4, 4), np.float32))
             tail = encode([image])
-        return Hostile("unknown-id", encode(self._prefix(n)) + tail + encode([wire.Close()]), n > 0)
+        return Hostile("unknown-id", encode(self._prefix(n)) + tail + encode([wire.Close()]))
 
     def _order(self) -> Hostile:
         choice = self._int(0, 3)
         if choice == 0:
             msgs: list[wire.Message] = [wire.ConfigFile("default"), *self.scan.readouts[:3], wire.Close()]
-            sends = False
         elif choice == 1:
             msgs = [*self._prefix(3), wire.Header(self.scan.header_xml), wire.Close()]
-            sends = True
         else:
             msgs = [wire.Close(), *self._prefix(3), wire.Close()]
-            sends = False
-        return Hostile("order", encode(msgs), sends)
+        return Hostile("order", encode(msgs))
 
     def _json(self) -> Hostile:
         texts = [
@@ -323,14 +335,15 @@ class Mutator:
         text = texts[self._int(0, len(texts))]
         msgs: list[wire.Message] = [wire.ConfigFile("default"), wire.Header(self.scan.header_xml)]
         msgs.append(wire.Text(text))
-        return Hostile("json", encode([*msgs, *self.scan.readouts, wire.Close()]), False)
+        return Hostile("json", encode([*msgs, *self.scan.readouts, wire.Close()]))
 
     def _meas_id(self) -> Hostile:
-        mid = "M" * 300 if self.rng.random() < 0.5 else "FAKE\nERROR forged log line\u202e\u0085"  # XML-valid controls
+        forged = "FAKE\nERROR forged log line\u202e\u0085"  # controls XML allows
+        mid = "M" * 300 if self.rng.random() < 0.5 else forged
         size = (self.scan.matrix, self.scan.matrix)
         xml = header_xml(matrix=size, channels=self.scan.coils, measurement_id=mid)
         good = self._int(1, len(self.scan.readouts))
         tail = struct.pack("<H", 777) + bytes(8)
         msgs: list[wire.Message] = [wire.ConfigFile("default"), wire.Header(xml)]
         msgs += self.scan.readouts[:good]
-        return Hostile("meas-id", encode(msgs) + tail, True)
+        return Hostile("meas-id", encode(msgs) + tail)

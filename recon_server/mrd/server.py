@@ -39,6 +39,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -48,7 +49,7 @@ import numpy as np
 from recon_server.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
 from recon_server.data import ismrmrd_io
 from recon_server.dicom.writer import dicom_series_description
-from recon_server.mrd import wire
+from recon_server.mrd import listener, wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.client_config import (
     ClientConfigError,
@@ -57,7 +58,7 @@ from recon_server.mrd.client_config import (
     text_options,
     unknown_config_names,
 )
-from recon_server.mrd.journal import RECEIVING, Journal, JournalEntry
+from recon_server.mrd.journal import RECEIVING, Journal, JournalEntry, move_unique, safe_name_part
 from recon_server.mrd.journal import recover as journal_recover
 from recon_server.ops import logs as ops_logs
 from recon_server.ops import metrics
@@ -215,7 +216,9 @@ class StreamSession:
         if not isinstance(msg, wire.Header):
             raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
         self.header_xml = msg.xml
-        asm = Assembler(msg.xml, config=self.options, calibration_lines=self.calibration_lines)
+        asm = Assembler(
+            msg.xml, config=self.options, calibration_lines=self.calibration_lines, limits=reader.limits
+        )
         ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
         self.assembler = asm
         if self.journal is not None:
@@ -271,6 +274,7 @@ class StreamServer:
         self._shutdown_deadline: float | None = None
         self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=list(sinks))
         self._sock: socket.socket | None = None
+        self._loop: listener.AcceptLoop | None = None
         self._stop = threading.Event()
         self.address: tuple[str, int] | None = None
 
@@ -280,55 +284,76 @@ class StreamServer:
         self.address = sock.getsockname()[:2]
         return self.address
 
-    def serve_forever(self) -> None:
+    def _accept_loop(self) -> listener.AcceptLoop:
+        """The shared accept loop (:mod:`recon_server.mrd.listener`) with this server's settings."""
         if self._sock is None:
             self.bind()
         assert self._sock is not None and self.address is not None
         log.info("MRD stream server listening on %s:%d", self.address[0], self.address[1])
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            threading.Thread(target=self.handle, args=(conn, peer), daemon=True, name=f"mrd-{peer}").start()
+        self._loop = listener.AcceptLoop.for_config(
+            self._sock,
+            self.handle,
+            self.config,
+            name="mrd",
+            refusal=refusal_message,
+            thread_prefix="mrd",
+            stop=self._stop,
+        )
+        return self._loop
+
+    def serve_forever(self) -> None:
+        """Accept connections on this thread until :meth:`stop`."""
+        self._accept_loop().serve_forever()
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in a background thread; returns the bound address."""
-        address = self.bind()
-        threading.Thread(target=self.serve_forever, daemon=True, name="mrd-accept").start()
-        return address
+        self._accept_loop().start()
+        assert self.address is not None
+        return self.address
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections being served go on."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.stop()
+        elif self._sock is not None:
+            self._sock.close()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
+        self.stop_accepting()
         self.worker.close()
 
     def _keep_failed(self, session: StreamSession, exc: Exception) -> Path | None:
-        """Write what arrived of a failed scan as an ISMRMRD raw file (if configured and any came)."""
+        """Write what arrived of a failed scan as an ISMRMRD raw file (if configured and any came).
+
+        The name is ``<time>-<measurement id, sanitised and bounded>-<random token>.h5``
+        (``mrd.journal.safe_name_part``); the file is written under a hidden temporary name and
+        hard-linked to its name, so it never replaces another (``mrd.journal.move_unique``).
+        """
         folder = self.config.failed_scans_dir
         if folder is None or not session.header_xml or not session.acquisitions:
             return None
         if isinstance(exc, ClientConfigError):
             return None  # a configuration the server refused, not a failed scan
         measurement = session.assembler.measurement_id if session.assembler else ""
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{measurement or 'scan'}-{threading.get_ident()}.h5"
-        path = folder / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{safe_name_part(measurement)}"
+        acqs = session.acquisitions
+        partial = folder / f".partial-{uuid.uuid4().hex}.h5"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            acqs = session.acquisitions
             ismrmrd_io.write_raw(
-                path,
+                partial,
                 session.header_xml,
                 np.array([a.head for a in acqs], dtype=ismrmrd_io.ACQUISITION_HEADER_DTYPE),
                 [a.data for a in acqs],
                 trajectories=[a.traj for a in acqs],
             )
-        except (OSError, ValueError) as exc:
-            log.error("could not keep the failed scan's raw data in %s: %s", folder, exc)
+            path = move_unique(partial, folder, stem)
+        except (OSError, ValueError) as error:
+            log.error("could not keep the failed scan's raw data in %s: %s", folder, error)
             return None
+        finally:
+            partial.unlink(missing_ok=True)
         log.warning("failed scan kept: %s (%d readouts; replay it with recon-server replay)", path, len(acqs))
         return path
 
@@ -450,7 +475,9 @@ class StreamServer:
         metrics.stream_failed("mrd", exc)
         # A refused configuration reads "ERR ValueError: ..." on the wire, as it always has.
         name = "ValueError" if isinstance(exc, ClientConfigError) else type(exc).__name__
-        log.error("stream from %s failed: %s: %s", peer, name, exc)
+        # The text, not the exception: a handler that keeps records (a queue, a test's capture)
+        # would keep its traceback's frames, and the failed scan's buffers with them, alive.
+        log.error("stream from %s failed: %s: %s", peer, name, str(exc))
         note = f" (raw data kept on the server as {kept.name})" if kept else ""
         try:
             writer.send(wire.Text(f"ERR {name}: {exc}{note}"), flush=False)
@@ -544,6 +571,12 @@ class StreamServer:
                 except OSError:
                     pass
             close_gracefully(conn)
+
+
+def refusal_message(text: str) -> bytes:
+    """What a client the server does not take reads: ``TEXT "ERR ConnectionRefused: ..."`` + CLOSE."""
+    msgs = (wire.Text(f"ERR ConnectionRefused: {text}"), wire.Close())
+    return b"".join(bytes(chunk) for msg in msgs for chunk in wire.encode_message(msg))
 
 
 def close_gracefully(conn: socket.socket, *, drain_s: float = 1.0, max_drain: int = 64 << 20) -> None:
