@@ -44,7 +44,7 @@ bytes per (contrast, repetition), calibration held apart and readout staging inc
 Every readout's indices are checked against the header's encoding limits: slice, contrast,
 repetition and average at most :data:`INDEX_TOLERANCE` beyond the limit's maximum (slices within
 it are allocated up front; buffers never grow), phase-encode line and readout inside the encoded
-matrix, channels as the header says; NaN or infinite samples are refused.
+matrix, channels as the header says; NaN or infinite samples (or beyond 1e19) are refused.
 
 Contrast label rule (first that applies), see :func:`contrast_label`.
 """
@@ -404,9 +404,9 @@ class Assembler:
         self.n_lines += 1
         if channels != self.channels:
             self._check_channels(channels, f"readout {line}")
-        total = data.sum()  # NaN and infinities propagate: one pass, no temporary
-        if not (math.isfinite(total.real) and math.isfinite(total.imag)):
-            raise ValueError(f"readout {line} holds NaN or infinite samples")
+        # sum |x|^2 (BLAS, ~1 us a line): NaN and infinities propagate; |x| > 1e19 overflows too
+        if not math.isfinite(np.vdot(data, data).real):
+            raise ValueError(f"readout {line} holds NaN or infinite samples (or beyond 1e19)")
         if flags & NOISE:
             self._reserve(data.size * 8, "noise readouts")
             self.noise.append(np.asarray(data, dtype=np.complex64))

@@ -107,7 +107,9 @@ class StreamSocket(socket.socket):
     """An accepted connection whose reads end at a total deadline (``arm``), besides the
     per-read timeout ``settimeout`` sets: near the deadline each read waits only for what is
     left, then raises :class:`StreamDeadlineExceeded` (an OSError). After that the deadline is
-    off, so the handler can still report the error and drain the socket."""
+    off, so the handler can still report the error and drain the socket. Peeks (``MSG_PEEK``,
+    whether the client is still there) and reads after ``shutdown`` (the server's drain once it
+    has answered) are not held to it: the deadline is for receiving the stream."""
 
     __slots__ = ("_deadline", "_deadline_s", "_read_timeout")
 
@@ -143,20 +145,28 @@ class StreamSocket(socket.socket):
         if deadline is not None and time.monotonic() >= deadline - 1e-3:
             self._expire()
 
+    def shutdown(self, how: int) -> None:
+        self._deadline = None
+        super().shutdown(how)
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self._before_read()
+        if not flags & socket.MSG_PEEK:
+            self._before_read()
         try:
             return super().recv(bufsize, flags)
         except TimeoutError:
-            self._timed_out()
+            if not flags & socket.MSG_PEEK:
+                self._timed_out()
             raise
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:  # type: ignore[no-untyped-def, override]
-        self._before_read()
+        if not flags & socket.MSG_PEEK:
+            self._before_read()
         try:
             return super().recv_into(buffer, nbytes, flags)
         except TimeoutError:
-            self._timed_out()
+            if not flags & socket.MSG_PEEK:
+                self._timed_out()
             raise
 
 
@@ -304,19 +314,20 @@ class AcceptLoop:
             return
         self._register()
         UP.set(1, listener=self.name)
-        self.sock.setblocking(False)
-        self._reserve = _reserve_fd()
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
         try:
+            self.sock.setblocking(False)
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)  # ValueError: closed already
+            self._reserve = _reserve_fd()
             while not self._stop.is_set():
                 if not poller.poll(POLL_S * 1000):
                     continue
                 if not self._accept_one():
                     break
         except Exception as exc:  # noqa: BLE001 - a bug here must show on /healthz, not vanish
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("%s: the accept loop failed", self.label)
+            if not self._stop.is_set():
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: the accept loop failed", self.label)
         finally:
             self._running = False
             UP.set(0, listener=self.name)

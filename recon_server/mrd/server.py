@@ -367,9 +367,7 @@ class StreamServer:
         stays in the journal) and receiving ones are cut (kept as failed)."""
         self._shutdown_deadline = time.monotonic() + grace_s
         self._shutting_down.set()
-        self._stop.set()
-        if self._sock is not None:
-            self._sock.close()
+        self.stop_accepting()
         while self._active and time.monotonic() < self._shutdown_deadline:
             time.sleep(0.05)
         for conn in list(self._active):
