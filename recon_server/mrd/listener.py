@@ -4,8 +4,8 @@
 
 - **Every accept() error is survived.** Exhausted resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) back
   off (10 ms doubling to 0.5 s) and go on; errors of one pending connection (ECONNABORTED, EPROTO,
-  EPERM, ...) are skipped at once. The first error of a burst is logged once, its end ("accepted
-  again after N errors") once more; every error is counted in
+  EPERM, ...) are skipped at once. The first error of a burst is logged once, its end ("accepting
+  again after N accept() error(s)") once more; every error is counted in
   ``recon_server_accept_errors_total{listener, error}``. While the process is out of file
   descriptors, a reserved descriptor is released to accept the waiting connection and answer it
   (``ERR ... out of file descriptors``) instead of leaving it hanging. Only a listening socket
