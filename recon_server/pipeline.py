@@ -279,6 +279,7 @@ def _reconstruct_all(
             mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)).to(dev),
             acceleration=float(scan.acceleration),
             contrast=scan.contrast,
+            noise_sigma=1.0 if settings.get("prewhitened") else None,  # whitened: unit noise
         )
         out = run_method(method, problem, samples=samples)
     t3 = time.perf_counter()

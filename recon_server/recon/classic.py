@@ -7,7 +7,21 @@ images ``(slices, ky, kx)`` on the device of the inputs.
 Scale: the service feeds k-space in arbitrary units, so the iterative solvers divide each slice
 by ``s`` = the 99th percentile of the magnitude of its zero-filled image ``S^H F^H y`` and
 multiply the result back. Regularisation weights therefore refer to images whose 99th
-percentile is 1 (docs/recon.md gives the tuned defaults and how they were found).
+percentile is 1.
+
+Regularisation from the noise level (docs/recon.md, "The weight rule"): with ``sigma`` the noise
+standard deviation of one complex k-space sample (1 after prewhitening with a noise scan, else
+:func:`recon_server.recon.noise.noise_level` from the k-space periphery), the noise of one pixel
+of the normalised zero-filled image is ``sigma_zf = sigma / s * sqrt(f)`` (``f`` the sampled
+fraction of k-space, unit-energy coil maps). CG-SENSE uses ``lam = CG_NOISE_WEIGHT * sigma_zf^2``
+(a Wiener-like ratio of noise to signal power, the signal's being fixed by the normalisation),
+L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 + L1_ARTIFACT_WEIGHT`` (a BayesShrink-like
+threshold, noise variance over a signal scale that the normalisation fixes, plus a floor for the
+undersampling artefacts that remain without noise; a threshold proportional to ``sigma_zf`` was
+measured too large at high SNR and too small at low SNR).
+Both constants were fitted once on Colin27 slices across SNR, R and coils; an explicit ``lam``
+overrides the rule. Iterations stop when the relative residual (CG) or the relative change of
+the iterate (FISTA) falls below ``tol``, at most ``iters``.
 """
 
 from __future__ import annotations
@@ -21,29 +35,34 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import Tensor
 
 from recon_server.recon.fft import ifft2c
-from recon_server.recon.sense import SenseOperator
+from recon_server.recon.noise import noise_level
+from recon_server.recon.sense import SenseOperator, as_mask
 
 __all__ = [
+    "CG_NOISE_WEIGHT",
     "CG_SENSE_ITERS",
-    "CG_SENSE_LAMBDA",
+    "L1_ARTIFACT_WEIGHT",
+    "L1_NOISE_WEIGHT",
     "L1_WAVELET_ITERS",
-    "L1_WAVELET_LAMBDA",
     "WAVELETS",
     "cg_sense",
     "conjugate_gradient",
     "data_scale",
     "l1_wavelet",
+    "pixel_noise",
     "rss",
     "wavelet_forward",
     "wavelet_inverse",
     "zero_filled",
 ]
 
-# Defaults tuned on simulated brain slices at R = 2..6 (docs/recon.md, benchmarks/bench_recon.py --tune).
-CG_SENSE_LAMBDA = 3e-2
-CG_SENSE_ITERS = 30
-L1_WAVELET_LAMBDA = 1e-2
-L1_WAVELET_ITERS = 60
+# The weight rule (module docstring; fitted with benchmarks/bench_recon.py --tune, docs/recon.md).
+CG_NOISE_WEIGHT = 90.0
+L1_NOISE_WEIGHT = 16.0
+L1_ARTIFACT_WEIGHT = 1e-3
+# Iteration caps; the stopping tolerances end most reconstructions earlier.
+CG_SENSE_ITERS = 100
+L1_WAVELET_ITERS = 100
 
 # Orthogonal wavelet decomposition low-pass filters (Daubechies, pywt's ``dec_lo`` order).
 WAVELETS: dict[str, tuple[float, ...]] = {
@@ -102,6 +121,18 @@ def data_scale(image: Tensor) -> Tensor:
     return torch.where(q > 0, q, torch.ones_like(q))[:, None, None]
 
 
+def pixel_noise(
+    kspace: Tensor, mask: Tensor | np.ndarray, scale: Tensor, noise_sigma: float | Tensor | None
+) -> Tensor:
+    """``sigma_zf`` per slice ``(slices, 1, 1)``: the noise of one pixel of the zero-filled image
+    divided by ``scale`` (module docstring). ``noise_sigma`` None: estimated from the data."""
+    s, _, ky, kx = kspace.shape
+    sigma = noise_level(kspace, mask) if noise_sigma is None else torch.as_tensor(noise_sigma)
+    sigma = sigma.to(device=kspace.device, dtype=torch.float32).reshape(-1, 1, 1)
+    fraction = as_mask(mask, s, ky, kx, device=kspace.device).mean(dim=(-3, -2, -1)).reshape(-1, 1, 1)
+    return sigma / scale.to(torch.float32) * fraction.sqrt()
+
+
 # --------------------------------------------------------------------------- CG
 
 
@@ -155,28 +186,32 @@ def cg_sense(
     maps: Tensor,
     mask: Tensor | np.ndarray,
     *,
-    lam: float = CG_SENSE_LAMBDA,
+    lam: float | None = None,
+    noise_sigma: float | Tensor | None = None,
     iters: int = CG_SENSE_ITERS,
-    tol: float = 1e-5,
+    tol: float = 1e-4,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """CG-SENSE: ``argmin_x ||A x - y||^2 + lam ||x||^2`` via CG on ``(A^H A + lam I) x = A^H y``.
 
     ``A = M F S`` (:class:`SenseOperator`). ``lam`` refers to the per-slice normalised data (module
-    docstring); with unit-norm coil maps ``A^H A`` has eigenvalues in ``[0, 1]``. One CG system per
-    slice. ``callback(iteration, x)`` sees each iterate (in data units). Returns complex
-    ``(slices, ky, kx)``.
+    docstring); None: the weight rule ``CG_NOISE_WEIGHT * sigma_zf^2`` per slice from
+    ``noise_sigma`` (the noise of one k-space sample; None: estimated from the data). With
+    unit-norm coil maps ``A^H A`` has eigenvalues in ``[0, 1]``. One CG system per slice, stopped
+    at ``||r|| <= tol ||b||`` or ``iters``. ``callback(iteration, x)`` sees each iterate (in data
+    units). Returns complex ``(slices, ky, kx)``.
     """
     _check_inputs(kspace, maps)
-    if lam < 0:
+    if lam is not None and lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     op = SenseOperator(maps, mask)
     rhs = op.adjoint(kspace)
     scale = data_scale(rhs)
+    weight = CG_NOISE_WEIGHT * pixel_noise(kspace, mask, scale, noise_sigma) ** 2 if lam is None else lam
     rhs = rhs / scale
     cb = None if callback is None else (lambda it, v, _res: callback(it, v * scale))
     x = conjugate_gradient(
-        lambda v: op.normal(v) + lam * v, rhs, iters=iters, tol=tol, dims=(-2, -1), callback=cb
+        lambda v: op.normal(v) + weight * v, rhs, iters=iters, tol=tol, dims=(-2, -1), callback=cb
     )
     return x * scale
 
@@ -278,7 +313,7 @@ def wavelet_inverse(approximation: Tensor, details: list[Tensor], *, wavelet: st
     return _from_planes(a, lead, is_complex)[..., 0, :, :]
 
 
-def _soft(x: Tensor, thresh: float) -> Tensor:
+def _soft(x: Tensor, thresh: float | Tensor) -> Tensor:
     """Complex soft thresholding: shrink the magnitude by ``thresh``, keep the phase."""
     mag = x.abs()
     return x * (mag - thresh).clamp_min(0) / mag.clamp_min(torch.finfo(mag.dtype).tiny)
@@ -304,8 +339,10 @@ def l1_wavelet(
     maps: Tensor,
     mask: Tensor | np.ndarray,
     *,
-    lam: float = L1_WAVELET_LAMBDA,
+    lam: float | None = None,
+    noise_sigma: float | Tensor | None = None,
     iters: int = L1_WAVELET_ITERS,
+    tol: float = 2e-3,
     wavelet: str = "db4",
     levels: int = 4,
     random_shift: bool = True,
@@ -317,21 +354,31 @@ def l1_wavelet(
     ``Psi`` is the orthogonal periodic 2-D DWT (:func:`wavelet_forward`); ``Psi_d`` its detail
     bands (the coarse approximation is not penalised); complex coefficients are shrunk in
     magnitude. Step ``1/L`` with ``L`` the largest eigenvalue of ``A^H A`` (power iteration).
-    ``lam`` refers to the per-slice normalised data (module docstring). Starts from the
-    zero-filled image. ``random_shift``: cycle spinning, a random circular shift of the image
+    ``lam`` refers to the per-slice normalised data (module docstring); None: the weight rule
+    ``L1_NOISE_WEIGHT * sigma_zf^2 + L1_ARTIFACT_WEIGHT`` per slice from ``noise_sigma`` (None:
+    estimated from the data).
+    Starts from the zero-filled image; stops when ``||x_k+1 - x_k|| <= tol ||x_k+1||`` or after
+    ``iters``. ``random_shift``: cycle spinning, a random circular shift of the image
     (0 .. 2^levels - 1 pixels per axis, drawn from ``seed``) before each wavelet shrinkage, as
     BART ``pics`` does; it removes the blocky shift-variance artefacts of the decimated DWT.
     ``callback(iteration, x)`` sees each iterate (in data units). Returns complex
     ``(slices, ky, kx)``.
     """
     _check_inputs(kspace, maps)
-    if lam < 0:
+    if lam is not None and lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     op = SenseOperator(maps, mask)
     aty = op.adjoint(kspace)
     scale = data_scale(aty)
+    if lam is None:
+        weight: float | Tensor = L1_NOISE_WEIGHT * pixel_noise(kspace, mask, scale, noise_sigma) ** 2
+        weight = weight + L1_ARTIFACT_WEIGHT
+    else:
+        weight = lam
     aty = aty / scale
     step = 1.0 / max(_max_eig(op.normal, aty) * 1.01, 1e-12)
+    # Per-slice thresholds broadcast over the detail bands (slices, 3, h, w).
+    threshold = weight[..., None] * step if isinstance(weight, Tensor) else weight * step
 
     gen = torch.Generator().manual_seed(seed)
     period = 2**levels
@@ -343,7 +390,7 @@ def l1_wavelet(
         )
         v = torch.roll(v, shifts=shift, dims=(-2, -1))
         a, details = wavelet_forward(v, wavelet=wavelet, levels=levels)
-        out = wavelet_inverse(a, [_soft(d, lam * step) for d in details], wavelet=wavelet)
+        out = wavelet_inverse(a, [_soft(d, threshold) for d in details], wavelet=wavelet)
         return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(-2, -1))
 
     # Pixels where every coil map is zero (ESPIRiT crop) are in the null space of A: keep them at
@@ -356,7 +403,10 @@ def l1_wavelet(
         x_new = prox(z - step * (op.normal(z) - aty)) * support
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = x_new + ((t - 1.0) / t_new) * (x_new - x)
+        change = float(torch.linalg.vector_norm(x_new - x) / torch.linalg.vector_norm(x_new).clamp_min(1e-30))
         x, t = x_new, t_new
         if callback is not None:
             callback(it, x * scale)
+        if change <= tol:
+            break
     return x * scale

@@ -67,6 +67,9 @@ class ReconProblem:
     maps:   complex64 ``(slices, coils, ky, kx)`` coil sensitivities.
     mask:   bool/real ``(ky, kx)``, ``(slices, ky, kx)`` or ``(slices, 1, ky, kx)``.
     acceleration: nominal R (samplers may pick settings by it); contrast: label such as ``FLAIR``.
+    noise_sigma: standard deviation of the noise of one complex k-space sample (1.0 after
+    prewhitening with a noise scan); None: the methods estimate it from the data
+    (:func:`recon_server.recon.noise.noise_level`).
     """
 
     kspace: Tensor
@@ -74,6 +77,7 @@ class ReconProblem:
     mask: Tensor | np.ndarray
     acceleration: float = 1.0
     contrast: str = ""
+    noise_sigma: float | None = None
 
 
 class ReconMethod(Protocol):
@@ -87,11 +91,11 @@ def _zero_filled(problem: ReconProblem) -> Tensor:
 
 
 def _cg_sense(problem: ReconProblem) -> Tensor:
-    return cg_sense(problem.kspace, problem.maps, problem.mask)
+    return cg_sense(problem.kspace, problem.maps, problem.mask, noise_sigma=problem.noise_sigma)
 
 
 def _l1_wavelet(problem: ReconProblem) -> Tensor:
-    return l1_wavelet(problem.kspace, problem.maps, problem.mask)
+    return l1_wavelet(problem.kspace, problem.maps, problem.mask, noise_sigma=problem.noise_sigma)
 
 
 @dataclass

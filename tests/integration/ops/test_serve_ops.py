@@ -32,7 +32,14 @@ def test_health_metrics_and_logs_during_replay(served, raw_with_id: Path, tmp_pa
     status, body = _get(served.http + "/readyz")
     ready = json.loads(body)
     assert status == 200, body
-    assert set(ready["checks"]) == {"recon_worker", "model", "dicom_output", "dicom_spool"}
+    assert set(ready["checks"]) == {
+        "recon_worker",
+        "recon_queue",
+        "accepting",
+        "model",
+        "dicom_output",
+        "dicom_spool",
+    }
 
     before = _metrics(served.http)
     key_scans = 'recon_server_scans_total{listener="mrd"}'
