@@ -6,7 +6,7 @@
 
 ``--rule-sweep``: one 1 mm Colin27 slice (``bench_recon.simulate``: ``ch2.nii.gz``, 12 ring
 coils, fastMRI equispaced masks, SNR = p99 / sigma), NRMSE at the rule's weight times 2^k,
-k = -3..3, for CG-SENSE (``lam = c sigma_zf^2``) and L1-wavelet (``lam = c sigma_zf^2``).
+k = -3..3, for CG-SENSE (``lam = c sigma_zf^2``) and L1-wavelet (``lam = c sigma_zf^2 + floor``).
 
 Test sets (never the simulator's average brain alone):
 - ``colin-t1``: axial slices of the real 0.5 mm Colin27 head (Debian ``mricron-data``
@@ -227,7 +227,13 @@ def rule_sweep(snrs: list[float], accels: list[int], coils: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_recon import simulate, undersample
 
-    from recon_server.recon.classic import CG_NOISE_WEIGHT, L1_NOISE_WEIGHT, data_scale, pixel_noise
+    from recon_server.recon.classic import (
+        CG_NOISE_WEIGHT,
+        L1_ARTIFACT_WEIGHT,
+        L1_NOISE_WEIGHT,
+        data_scale,
+        pixel_noise,
+    )
     from recon_server.recon.sense import SenseOperator
 
     steps = range(-3, 4)
@@ -242,18 +248,14 @@ def rule_sweep(snrs: list[float], accels: list[int], coils: int) -> None:
             k, mask, acs = undersample(k_full, accel)
             maps = espirit_maps(calibration_region(k, acs), (256, 256))
             m = torch.from_numpy(mask)
-            noise = pixel_noise(k, m, data_scale(SenseOperator(maps, m).adjoint(k)), None)
-            for name, solver, weight in (
-                ("cg-sense", cg_sense, CG_NOISE_WEIGHT),
-                ("l1-wavelet", l1_wavelet, L1_NOISE_WEIGHT),
-            ):
+            noise = float(pixel_noise(k, m, data_scale(SenseOperator(maps, m).adjoint(k)), None))
+            rules = (
+                ("cg-sense", cg_sense, CG_NOISE_WEIGHT * noise**2),
+                ("l1-wavelet", l1_wavelet, L1_NOISE_WEIGHT * noise**2 + L1_ARTIFACT_WEIGHT),
+            )
+            for name, solver, lam in rules:
                 errors = [
-                    nrmse(
-                        solver(k, maps, m, lam=weight * float(noise) ** 2 * 2.0**step)[0],
-                        ref[0],
-                        mask=head[0],
-                        fit_scale=True,
-                    )
+                    nrmse(solver(k, maps, m, lam=lam * 2.0**step)[0], ref[0], mask=head[0], fit_scale=True)
                     for step in steps
                 ]
                 cells = " | ".join(f"{e:.4f}" for e in errors)

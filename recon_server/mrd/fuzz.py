@@ -29,6 +29,7 @@ as a failed scan.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import io
 import struct
@@ -160,7 +161,9 @@ def carries_readouts(payload: bytes) -> bool:
 
     session = StreamSession(wire.WireReader(io.BytesIO(payload)), keep_acquisitions=True)
     try:
-        session.read()
+        # In a context of its own: the session tags the caller's log context with the stream's
+        # measurement id, which must not leak into the caller's later log lines.
+        contextvars.copy_context().run(session.read)
     except ClientConfigError:
         return False  # refused before the readouts: not a failed scan
     except (ValueError, OSError, RuntimeError):  # RecursionError is a RuntimeError
