@@ -152,8 +152,6 @@ def test_every_method_through_serve_and_replay(
     server: StreamServer,
     truth: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    if case == "no-calibration":
-        pytest.skip("test_no_calibration_at_all: no coil maps, other expectations")
     for method in METHODS:
         images, errors = _through_server(server, corpus_files[case], method)
         assert not errors, (case, method, errors)
@@ -168,8 +166,6 @@ def test_every_method_through_recon(
     diffusion_settings: None,
     tmp_path: Path,
 ) -> None:
-    if case == "no-calibration":
-        pytest.skip("covered by test_no_calibration_at_all")
     for method in METHODS:
         out = tmp_path / method
         code = cli.main(["recon", str(corpus_files[case]), "--out", str(out), "--method", method])
