@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,31 +37,10 @@ KEPT = "raw data kept on the server as "
 CLOSE = fuzz.encode([wire.Close()])
 
 
-def exchange(address: tuple[str, int], payload: bytes, timeout: float) -> tuple[list[str], list[wire.Image]]:
-    """Send; half-close unless the stream ends in CLOSE (a half-closed client of a valid scan
-    counts as gone); read TEXT / IMAGE replies until CLOSE or the end of the stream."""
-    texts: list[str] = []
-    images: list[wire.Image] = []
-    with socket.create_connection(address, timeout=timeout) as sock:
-        try:
-            sock.sendall(payload)
-            if not payload.endswith(CLOSE):
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        stream = sock.makefile("rb")
-        reader = wire.WireReader(stream)
-        try:
-            while not isinstance(msg := reader.read_message(), wire.Close):
-                if isinstance(msg, wire.Text):
-                    texts.append(msg.text)
-                elif isinstance(msg, wire.Image):
-                    images.append(msg)
-        except (ValueError, OSError):
-            pass
-        finally:
-            stream.close()
-    return texts, images
+def send(address: tuple[str, int], payload: bytes, timeout: float) -> tuple[list[str], list[wire.Image]]:
+    """``fuzz.exchange``, half-closing unless the stream ends in CLOSE (a half-closed client of a
+    valid scan counts as gone)."""
+    return fuzz.exchange(address, payload, timeout=timeout, half_close=not payload.endswith(CLOSE))
 
 
 class Server:
@@ -175,7 +153,7 @@ def main() -> int:
         sampler.sample()
         start_rss = sampler.last["rss"]
         sampler.start()
-        texts, images = exchange(server.address, fuzz.stream(scan), args.timeout)
+        texts, images = send(server.address, fuzz.stream(scan), args.timeout)
         if texts or len(images) != 1:
             raise SystemExit(f"the first valid scan failed: {texts}")
         reference = images[0].data
@@ -197,7 +175,7 @@ def main() -> int:
                     item = next(mutators[i % len(mutators)])
                     kinds[item.kind] += 1
                 try:
-                    texts, images = exchange(server.address, item.payload, args.timeout)
+                    texts, images = send(server.address, item.payload, args.timeout)
                 except OSError as exc:  # could not even connect: the server is down
                     texts, images = [f"client error {type(exc).__name__}"], []
                 failed = any(t.startswith("ERR ") for t in texts)
@@ -206,7 +184,7 @@ def main() -> int:
                     told.extend(t.rsplit(KEPT, 1)[1].rstrip(")") for t in texts if KEPT in t)
                     failing_with_data[0] += failed and item.sends_data
                 if (i + 1) % args.valid_every == 0:
-                    v_texts, v_images = exchange(server.address, fuzz.stream(scan), args.timeout)
+                    v_texts, v_images = send(server.address, fuzz.stream(scan), args.timeout)
                     ok = not v_texts and len(v_images) == 1 and np.array_equal(v_images[0].data, reference)
                     with lock:
                         valid["sent"] += 1

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import io
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,6 +152,39 @@ class Hostile:
     kind: str
     payload: bytes
     sends_data: bool = False  # a server gets a header and readouts from it (carries_readouts)
+
+
+def exchange(
+    address: tuple[str, int], payload: bytes, *, timeout: float = 30.0, half_close: bool = True
+) -> tuple[list[str], list[wire.Image]]:
+    """Send ``payload`` to a stream server and read its TEXT and IMAGE replies until CLOSE or EOF.
+
+    ``half_close``: shut the sending side after the payload, so the server sees the end of a
+    stream without CLOSE at once (a server may take a half-closed client of a valid scan for one
+    that left).
+    """
+    texts: list[str] = []
+    images: list[wire.Image] = []
+    with socket.create_connection(address, timeout=timeout) as sock:
+        try:
+            sock.sendall(payload)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server gave up on the stream before it was all sent
+        stream = sock.makefile("rb")
+        reader = wire.WireReader(stream)
+        try:
+            while not isinstance(msg := reader.read_message(), wire.Close):
+                if isinstance(msg, wire.Text):
+                    texts.append(msg.text)
+                elif isinstance(msg, wire.Image):
+                    images.append(msg)
+        except (ValueError, OSError):
+            pass
+        finally:
+            stream.close()  # at once, not when a reference cycle is collected
+    return texts, images
 
 
 def carries_readouts(payload: bytes) -> bool:

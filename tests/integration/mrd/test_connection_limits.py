@@ -26,40 +26,8 @@ from recon_server.ops.metrics import REGISTRY, parse_exposition
 SCAN = fuzz.valid_scan()
 
 
-def exchange(
-    address: tuple[str, int], payload: bytes, *, timeout: float = 30.0, half_close: bool = True
-) -> tuple[list[str], list[wire.Image]]:
-    """Send ``payload`` (half-close: the server sees the end of a stream without CLOSE at once),
-    read TEXT and IMAGE replies until CLOSE or EOF."""
-    texts: list[str] = []
-    images: list[wire.Image] = []
-    with socket.create_connection(address, timeout=timeout) as sock:
-        try:
-            sock.sendall(payload)
-            if half_close:  # (a server may take it for a client that left: not for valid scans)
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        stream = sock.makefile("rb")
-        reader = wire.WireReader(stream)
-        try:
-            while True:
-                msg = reader.read_message()
-                if isinstance(msg, wire.Close):
-                    break
-                if isinstance(msg, wire.Text):
-                    texts.append(msg.text)
-                elif isinstance(msg, wire.Image):
-                    images.append(msg)
-        except (ValueError, OSError):
-            pass
-        finally:
-            stream.close()  # at once, not when a reference cycle is collected
-    return texts, images
-
-
 def assert_serves(address: tuple[str, int]) -> None:
-    texts, images = exchange(address, fuzz.stream(SCAN), half_close=False)
+    texts, images = fuzz.exchange(address, fuzz.stream(SCAN), half_close=False)
     assert texts == [] and len(images) == 1, texts
     image = images[0].data[0, 0]
     assert np.corrcoef(image.ravel(), SCAN.phantom.ravel())[0, 1] > 0.99
@@ -99,7 +67,7 @@ def test_ten_failing_streams_keep_ten_distinct_files(make_server, tmp_path: Path
         mid = long_id if i == 10 else newline_id if i == 11 else "SAME_ID"
         xml = fuzz.header_xml(measurement_id=mid)
         payload = fuzz.encode([wire.ConfigFile("default"), wire.Header(xml), *SCAN.readouts[:4]])
-        texts, _ = exchange(srv.address, payload + b"\x09\x03" + bytes(8))  # unknown id 777
+        texts, _ = fuzz.exchange(srv.address, payload + b"\x09\x03" + bytes(8))  # unknown id 777
         assert len(texts) == 1 and "unknown or unsupported message id" in texts[0], texts
         assert "raw data kept on the server as " in texts[0], texts
         told.append(texts[0].rsplit("raw data kept on the server as ", 1)[1].rstrip(")"))
@@ -123,7 +91,7 @@ def test_connections_beyond_the_maximum_are_told_and_closed(make_server) -> None
     try:
         time.sleep(0.3)
         t0 = time.perf_counter()
-        texts, _ = exchange(srv.address, fuzz.stream(SCAN), timeout=10)
+        texts, _ = fuzz.exchange(srv.address, fuzz.stream(SCAN), timeout=10)
         assert time.perf_counter() - t0 < 5
         assert (
             len(texts) == 1 and texts[0].startswith("ERR ConnectionRefused: ") and "maximum of 2" in texts[0]
@@ -237,7 +205,7 @@ def test_accept_errors_are_survived_and_a_dead_loop_shows_on_healthz(make_server
     assert_serves(srv.address)  # the pending connection waits through the errors, then is served
     # Out of descriptors: the reserved one is released to tell the waiting client, then it goes on.
     _FlakyAccept(loop, [errno.EMFILE])
-    texts, _ = exchange(srv.address, fuzz.stream(SCAN))
+    texts, _ = fuzz.exchange(srv.address, fuzz.stream(SCAN))
     assert len(texts) == 1 and "out of file descriptors" in texts[0], texts
     assert_serves(srv.address)
     for name, value in before.items():
@@ -275,7 +243,7 @@ def test_slice_65535_stream_gets_a_clear_error_and_memory_stays(make_server) -> 
     bad = wire.Acquisition(head[()], SCAN.readouts[1].data, SCAN.readouts[1].traj)  # type: ignore[arg-type]
     payload = fuzz.stream(SCAN, readouts=[SCAN.readouts[0], bad, *SCAN.readouts[2:]])
     before, t0 = rss_bytes(), time.perf_counter()
-    texts, images = exchange(srv.address, payload)
+    texts, images = fuzz.exchange(srv.address, payload)
     assert images == [] and len(texts) == 1 and "slice index 65535 beyond the header's 1 slice" in texts[0]
     assert time.perf_counter() - t0 < 5 and rss_bytes() - before < 64 << 20
     assert_serves(srv.address)
@@ -287,7 +255,7 @@ def test_huge_header_matrix_is_refused_before_the_readouts(make_server) -> None:
         xml = fuzz.header_xml(matrix=(matrix, matrix), channels=8)
         lines = [wire.Acquisition(a.head, np.zeros((8, matrix), np.complex64), a.traj) for a in SCAN.readouts]
         before, t0 = rss_bytes(), time.perf_counter()
-        texts, _ = exchange(srv.address, fuzz.stream(SCAN, header=xml, readouts=lines))
+        texts, _ = fuzz.exchange(srv.address, fuzz.stream(SCAN, header=xml, readouts=lines))
         assert len(texts) == 1 and "max_matrix" in texts[0], texts
         assert time.perf_counter() - t0 < 5 and rss_bytes() - before < 64 << 20
 
@@ -311,7 +279,7 @@ def test_a_failed_scan_is_freed_at_once(make_server, monkeypatch: pytest.MonkeyP
     gc.collect()
     gc.disable()
     try:
-        texts, _ = exchange(srv.address, fuzz.stream(SCAN, readouts=[*SCAN.readouts[:5], bad]))
+        texts, _ = fuzz.exchange(srv.address, fuzz.stream(SCAN, readouts=[*SCAN.readouts[:5], bad]))
         assert len(texts) == 1 and "slice index" in texts[0]
         for _ in range(100):  # the handler thread finishes after its last reply
             if made and made[0]() is None:

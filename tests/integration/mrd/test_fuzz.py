@@ -5,7 +5,6 @@ scan exactly as before, and has not grown in memory, threads or descriptors."""
 from __future__ import annotations
 
 import collections
-import socket
 import threading
 import time
 from pathlib import Path
@@ -32,33 +31,6 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS")
 
 
-def exchange(
-    address: tuple[str, int], payload: bytes, *, half_close: bool
-) -> tuple[list[str], list[wire.Image]]:
-    texts: list[str] = []
-    images: list[wire.Image] = []
-    with socket.create_connection(address, timeout=30) as sock:
-        try:
-            sock.sendall(payload)
-            if half_close:  # the end of a stream without CLOSE reaches the server at once
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server gave up on the stream before it was all sent
-        stream = sock.makefile("rb")
-        reader = wire.WireReader(stream)
-        try:
-            while not isinstance(msg := reader.read_message(), wire.Close):
-                if isinstance(msg, wire.Text):
-                    texts.append(msg.text)
-                elif isinstance(msg, wire.Image):
-                    images.append(msg)
-        except (ValueError, OSError):
-            pass
-        finally:
-            stream.close()  # at once, not when a reference cycle is collected
-    return texts, images
-
-
 def test_hostile_streams_leave_the_server_serving(tmp_path: Path) -> None:
     kept_dir = tmp_path / "failed"
     server = StreamServer(
@@ -74,7 +46,7 @@ def test_hostile_streams_leave_the_server_serving(tmp_path: Path) -> None:
     assert server.address is not None
     scan = fuzz.valid_scan()
     try:
-        texts, images = exchange(server.address, fuzz.stream(scan), half_close=False)
+        texts, images = fuzz.exchange(server.address, fuzz.stream(scan), half_close=False)
         assert texts == [] and len(images) == 1
         reference = images[0].data
         assert np.corrcoef(reference[0, 0].ravel(), scan.phantom.ravel())[0, 1] > 0.99
@@ -93,10 +65,10 @@ def test_hostile_streams_leave_the_server_serving(tmp_path: Path) -> None:
                     # half-close (a half-closed client of a valid scan counts as gone: its scan is
                     # kept without a reply, so it would not be told).
                     ends = item.payload.endswith(CLOSE)
-                    texts, _ = exchange(server.address, item.payload, half_close=not ends)
+                    texts, _ = fuzz.exchange(server.address, item.payload, half_close=not ends)
                     told += [t.rsplit(KEPT, 1)[1].rstrip(")") for t in texts if KEPT in t]
                     failed_with_data += item.sends_data and any(t.startswith("ERR ") for t in texts)
-                texts, images = exchange(server.address, fuzz.stream(scan), half_close=False)
+                texts, images = fuzz.exchange(server.address, fuzz.stream(scan), half_close=False)
                 assert texts == [] and len(images) == 1, (seed, batch, texts)
                 assert np.array_equal(images[0].data, reference), (seed, batch)
                 time.sleep(0.2)  # handler threads of the batch finish
