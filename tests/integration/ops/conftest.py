@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,33 @@ class Served:
     proc: subprocess.Popen
 
 
+def _addresses(proc: subprocess.Popen, log_path: Path) -> tuple[tuple[str, int], str]:
+    """The MRD address and health URL a child ``serve`` prints on stdout (the test fails, with
+    the end of its log, if it has not printed both within 120 s)."""
+    assert proc.stdout is not None
+    mrd = http = None
+    deadline = time.monotonic() + 120
+    while (mrd is None or http is None) and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if m := re.search(r"MRD stream server on ([\d.]+):(\d+)", line):
+            mrd = (m.group(1), int(m.group(2)))
+        if m := re.search(r"health and metrics on (http://[\d.]+:\d+)", line):
+            http = m.group(1)
+    if mrd is None or http is None:
+        proc.kill()
+        pytest.fail(f"serve did not start: {log_path.read_text()[-3000:]}")
+    return mrd, http
+
+
+@pytest.fixture(scope="session")
+def serve_addresses() -> Callable[[subprocess.Popen, Path], tuple[tuple[str, int], str]]:
+    """``serve_addresses(proc, log_path)``: see :func:`_addresses` (for tests that start ``serve``
+    with options of their own)."""
+    return _addresses
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``recon-server serve --config`` in a subprocess: free ports, JSON logs, DICOM output."""
@@ -89,20 +116,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         stderr=log_file,
         text=True,
     )
-    assert proc.stdout is not None
-    mrd = http = None
-    deadline = time.monotonic() + 120
-    while (mrd is None or http is None) and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if m := re.search(r"MRD stream server on ([\d.]+):(\d+)", line):
-            mrd = (m.group(1), int(m.group(2)))
-        if m := re.search(r"health and metrics on (http://[\d.]+:\d+)", line):
-            http = m.group(1)
-    if mrd is None or http is None:
-        proc.kill()
-        pytest.fail(f"serve did not start: {log_path.read_text()[-3000:]}")
+    mrd, http = _addresses(proc, log_path)
     try:
         yield Served(mrd=mrd, http=http, log_path=log_path, proc=proc)
     finally:

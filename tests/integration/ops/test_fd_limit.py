@@ -3,7 +3,6 @@ loop survives (answers the clients it cannot serve), and serves a scan once they
 
 from __future__ import annotations
 
-import re
 import resource
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,25 +35,12 @@ def _limit_fds() -> None:
 
 
 @pytest.fixture
-def child(tmp_path: Path) -> Iterator[Child]:
+def child(tmp_path: Path, serve_addresses: Callable) -> Iterator[Child]:
     log = (tmp_path / "serve.log").open("w")
     cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", "--http-port", "0"]
     cmd += ["--method", "zero-filled", "--max-connections", "500", "--failed-scans-dir", str(tmp_path / "f")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_limit_fds)
-    assert proc.stdout is not None
-    mrd = http = None
-    deadline = time.monotonic() + 120
-    while (mrd is None or http is None) and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if m := re.search(r"MRD stream server on ([\d.]+):(\d+)", line):
-            mrd = (m.group(1), int(m.group(2)))
-        if m := re.search(r"health and metrics on (http://[\d.]+:\d+)", line):
-            http = m.group(1)
-    if mrd is None or http is None:
-        proc.kill()
-        pytest.fail(f"serve did not start: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+    mrd, http = serve_addresses(proc, tmp_path / "serve.log")
     try:
         yield Child(proc, mrd, http)
     finally:
