@@ -180,8 +180,15 @@ def test_serve_config_with_unloadable_model_sends_fallback_images_and_counts_the
     try:
         host, port = found["mrd"].rsplit(":", 1)
         images, texts = _client(shepp_full, (host, int(port)))
-        with urllib.request.urlopen(found["http"] + "/metrics", timeout=30) as resp:
-            exposition = ops_metrics.parse_exposition(resp.read().decode())
+        # The server counts the stream after its CLOSE has gone out: wait for it (bounded).
+        ok = 'recon_server_streams_total{listener="mrd",outcome="ok"}'
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(found["http"] + "/metrics", timeout=30) as resp:
+                exposition = ops_metrics.parse_exposition(resp.read().decode())
+            if ok in exposition or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
