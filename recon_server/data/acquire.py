@@ -279,8 +279,28 @@ def render_truth(
     return image
 
 
-def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> SimulatedSubject:
-    """Simulate subject ``index`` of the data set with ``seed`` (deterministic for both)."""
+@dataclass
+class SubjectTruth:
+    """The noiseless part of a simulated subject: anatomy, contrast and the truth image."""
+
+    truth: np.ndarray
+    labels: dict[str, np.ndarray]
+    geometry: list[SliceGeometry]
+    pixels: np.ndarray
+    centre_lps: np.ndarray
+    params: phantom.AnatomyParams
+    sequence: cmod.Sequence
+    tissues: dict[str, cmod.Tissue]
+    gadolinium: dict[str, float]
+    lesions: list[cmod.Lesion]
+
+
+def render_subject(config: SimulationConfig, *, seed: int, index: int) -> SubjectTruth:
+    """Anatomy, contrast, lesions and the complex truth ``(slices, ny, nx)`` of one subject.
+
+    No coils and no noise: this is what the prior trains on (:mod:`recon_server.data.truthset`)
+    and what :func:`simulate_subject` acquires.
+    """
     rng = _streams(seed, index)
     seeds = phantom.load_seeds()
     params = phantom.draw_anatomy(rng["anatomy"], seeds=seeds)
@@ -302,7 +322,22 @@ def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> Simu
         labels["LESION"] = np.maximum(labels["LESION"], frac * parenchyma)
     magnitude = render_truth(anatomy.fractions, seq, tissues, gd, lesions, lesion_maps) * anatomy.bias
     truth = (magnitude * np.exp(1j * _background_phase(magnitude.shape, rng["phase"]))).astype(np.complex64)
-    maps = coil_sensitivities(pixels, centre_lps, config.coils, rng["coils"])
+    return SubjectTruth(truth, labels, geometry, pixels, centre_lps, params, seq, tissues, gd, lesions)
+
+
+def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> SimulatedSubject:
+    """Simulate subject ``index`` of the data set with ``seed`` (deterministic for both)."""
+    rng = _streams(seed, index)
+    subject = render_subject(config, seed=seed, index=index)
+    truth, labels, seq, tissues, gd = (
+        subject.truth,
+        subject.labels,
+        subject.sequence,
+        subject.tissues,
+        subject.gadolinium,
+    )
+    lesions, geometry, params = subject.lesions, subject.geometry, subject.params
+    maps = coil_sensitivities(subject.pixels, subject.centre_lps, config.coils, rng["coils"])
 
     wm = labels["WM"] > 0.9
     signal_wm = float(np.abs(truth[wm]).mean()) if wm.any() else float(np.abs(truth).max())
@@ -336,7 +371,7 @@ def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> Simu
         "lesion_count": len(lesions),
         "lesion_voxels": int((labels["LESION"] > 0.5).sum()),
         "anatomy": params.summary(),
-        "head_seed": seeds.head_source,
+        "head_seed": phantom.load_seeds().head_source,
         "snr_wm": snr,
         "noise_sigma": sigma,
         "signal_wm": signal_wm,

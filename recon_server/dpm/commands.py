@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from recon_server import options
+from recon_server.dpm.unet import MODEL_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,39 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
         type=options.positive_int,
         help="train on random N x N windows of the slices (same pixel size; the U-Net is convolutional)",
     )
+    p.add_argument("--large-crop", type=options.positive_int, help="crop of every --large-every-th step")
+    p.add_argument("--large-every", type=int, default=0, help="period of the --large-crop steps (0: never)")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="head-biased crops, flips, gamma, gain and smooth phase (recon_server.dpm.augment)",
+    )
+    p.add_argument("--grad-clip", type=options.positive_float, help="clip the gradient norm (default: none)")
+    p.add_argument(
+        "--val-sigmas",
+        type=_floats,
+        default=(0.1, 0.5, 1.0),
+        help="noise levels of the validation PSNR (comma list); the best checkpoint maximises their mean",
+    )
+    p.add_argument(
+        "--cpu-precision",
+        choices=["auto", "fp32", "bf16", "fp32-cl", "bf16-cl"],
+        default="auto",
+        help="CPU arithmetic (-cl: channels_last); auto times each on the machine and keeps the fastest",
+    )
     p.add_argument(
         "--stop-at-step", type=options.positive_int, help="checkpoint and stop at this step (resume later)"
     )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre = phases.add_parser("pretrain", help="pre-train on several contrasts", formatter_class=fmt)
     _common(pre, lr=1e-4, batch=32)
     pre.add_argument("--contrasts", required=True, help="comma-separated, e.g. T1,T2,T1POST")
-    pre.add_argument("--model-size", choices=["tiny", "cpu", "demo", "paper"], default="demo")
+    pre.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="demo")
     pre.add_argument("--joint", metavar="CONTRAST", help="also train on this target contrast at once")
     pre.add_argument("--target-subjects", type=options.positive_int, help="cap on --joint training subjects")
     pre.set_defaults(func=_run_pretrain)
@@ -83,6 +114,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fine.add_argument("--target-subjects", type=options.positive_int, help="cap on target training subjects")
     fine.add_argument("--slot-init", choices=["mean", "zeros"], default="mean")
     fine.set_defaults(func=_run_finetune)
+
+    truth = phases.add_parser(
+        "truth-set", help="noiseless training slices straight from the simulator", formatter_class=fmt
+    )
+    truth.add_argument("--out", type=Path, required=True, help="slice directory (slices.npy, index.json)")
+    truth.add_argument("--contrast", required=True, help="T1, T2, T1POST or FLAIR")
+    truth.add_argument("--subjects", type=options.positive_int, required=True)
+    truth.add_argument("--first-subject", type=int, default=0)
+    truth.add_argument(
+        "--seed", type=int, required=True, help="simulator seed (keep it apart from test seeds)"
+    )
+    truth.add_argument(
+        "--slices", type=options.positive_int, default=8, help="slices per subject (90 mm slab)"
+    )
+    truth.add_argument("--matrix", type=int, default=256)
+    truth.add_argument("--lesions", action="store_true", help="add ischaemic stroke lesions")
+    truth.set_defaults(func=_run_truth_set)
 
     smp = subparsers.add_parser("sample", help="draw images from the diffusion prior", formatter_class=fmt)
     smp.add_argument("--model", type=Path, required=True, help="checkpoint directory (or run directory)")
@@ -128,6 +176,12 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported la
         progress=not args.no_progress,
         stop_at_step=args.stop_at_step,
         crop=args.crop,
+        large_crop=args.large_crop,
+        large_every=args.large_every,
+        augment=args.augment,
+        cpu_precision=args.cpu_precision,
+        grad_clip=args.grad_clip,
+        val_sigmas=args.val_sigmas,
     )
 
 
@@ -164,6 +218,27 @@ def _run_finetune(args: argparse.Namespace) -> int:
         slot_init=args.slot_init,
     )
     return _finish(summary)
+
+
+def _run_truth_set(args: argparse.Namespace) -> int:
+    from recon_server.data.acquire import SimulationConfig  # noqa: PLC0415
+    from recon_server.dpm.truthset import write_truth_set  # noqa: PLC0415
+
+    if args.first_subject < 0:
+        raise ValueError(f"--first-subject must be >= 0, got {args.first_subject}")
+    config = SimulationConfig(
+        contrast=args.contrast,
+        matrix=args.matrix,
+        slices=args.slices,
+        coils=1,
+        lesions=args.lesions,
+        readout_oversampling=1,
+    )
+    path = write_truth_set(
+        args.out, config, seed=args.seed, subjects=args.subjects, first_subject=args.first_subject
+    )
+    print(path)
+    return 0
 
 
 def _run_sample(args: argparse.Namespace) -> int:

@@ -22,7 +22,14 @@ from typing import Any
 
 from recon_server.dpm.checkpoint import CheckpointError, load_checkpoint, read_training_meta
 from recon_server.dpm.schedule import LRSchedule
-from recon_server.dpm.train import DistInfo, TrainConfig, init_distributed, steps_for_epochs, train
+from recon_server.dpm.train import (
+    VAL_SIGMAS,
+    DistInfo,
+    TrainConfig,
+    init_distributed,
+    steps_for_epochs,
+    train,
+)
 from recon_server.dpm.trainset import (
     ConcatSlices,
     SliceSet,
@@ -66,6 +73,12 @@ class RunOptions:
     progress: bool = True
     stop_at_step: int | None = None
     crop: int | None = None
+    large_crop: int | None = None
+    large_every: int = 0
+    augment: bool = False
+    cpu_precision: str = "fp32"
+    grad_clip: float | None = None
+    val_sigmas: tuple[float, ...] = VAL_SIGMAS
 
 
 def _val_split(
@@ -121,6 +134,12 @@ def _train_config(opts: RunOptions, *, mode: str, n_train: int, default_epochs: 
         progress=opts.progress,
         stop_at_step=opts.stop_at_step,
         crop=opts.crop,
+        large_crop=opts.large_crop,
+        large_every=opts.large_every,
+        augment=opts.augment,
+        cpu_precision=opts.cpu_precision,
+        grad_clip=opts.grad_clip,
+        val_sigmas=opts.val_sigmas,
         name=opts.name or f"{mode}-{opts.out.name}",
     )
 

@@ -37,8 +37,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from recon_server.dpm.checkpoint import load_training_state, save_checkpoint, save_training_state
+from recon_server.dpm.augment import Augmentation, augment, head_patches
+from recon_server.dpm.checkpoint import (
+    load_training_state,
+    read_training_meta,
+    save_checkpoint,
+    save_training_state,
+)
 from recon_server.dpm.edm import EDMLoss, loss_weight
+from recon_server.dpm.precision import CpuPrecision, probe_cpu_precision, set_memory_format
 from recon_server.dpm.schedule import EMA, LRSchedule
 from recon_server.dpm.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
 from recon_server.dpm.unet import EDMDenoiser, count_parameters
@@ -121,6 +128,10 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     crop: int | None = None  # train on random crop x crop windows (same pixel size; see trainset)
+    large_crop: int | None = None  # every large_every-th step uses this (larger) crop instead
+    large_every: int = 0
+    augment: bool = False  # head-biased patches + flips, gamma, gain, phase (recon_server.dpm.augment)
+    cpu_precision: str = "fp32"  # on CPU: fp32, bf16, fp32-cl, bf16-cl (channels_last) or auto (probe)
     stop_at_step: int | None = None  # end this invocation early (checkpointed) for --resume later
     name: str = "recon-server-dpm"
 
@@ -215,6 +226,9 @@ def train(
     if not resume and state_dir.exists():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model.to(dev).train()
+    precision = _precision(config, model, state_dir if resume else None, info)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    set_memory_format(model, channels_last=precision.channels_last)
     ema: EMA[EDMDenoiser] = EMA(
         model, halflife_images=config.ema_halflife_images, rampup_ratio=config.ema_rampup_ratio
     )
@@ -226,8 +240,9 @@ def train(
         for key in ("global_batch", "seed", "lr", "total_steps"):
             if saved[key] != config.to_dict()[key]:
                 raise ValueError(f"cannot resume: {key} was {saved[key]}, now {config.to_dict()[key]}")
-        if saved.get("crop") != config.crop:
-            raise ValueError(f"cannot resume: crop was {saved.get('crop')}, now {config.crop}")
+        for key in ("crop", "large_crop", "large_every", "augment"):
+            if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != getattr(config, key):
+                raise ValueError(f"cannot resume: {key} was {saved.get(key)}, now {getattr(config, key)}")
         start_step, wall_before = int(meta["step"]), float(meta["wall_time_s"])
         best, history = meta.get("best"), meta.get("history", [])
     if info.is_main:
@@ -255,8 +270,8 @@ def train(
         persistent_workers=False,
     )
     loss_fn = EDMLoss(sigma_data=model.config.sigma_data)
-    amp = config.amp and dev.type == "cuda"
-    card_info = dict(card_info or {})
+    amp = (config.amp and dev.type == "cuda") or (dev.type == "cpu" and precision.bf16)
+    card_info = {**(card_info or {}), "cpu_precision": precision.to_dict()}
     bar = tqdm(
         total=config.total_steps,
         initial=start_step,
@@ -274,16 +289,15 @@ def train(
     step = start_step
     sl = slice(info.rank * local, (info.rank + 1) * local)
     for step, (x_cpu, contrasts, _) in zip(range(start_step, config.total_steps), loader, strict=True):
-        if config.crop is not None:  # offsets of the whole global batch; this rank takes its share
-            hw = (x_cpu.shape[2], x_cpu.shape[3])
-            corners = crop_offsets(step, global_batch=gb, size=hw, crop=config.crop, seed=config.seed)
-            x_cpu = crop_batch(x_cpu, corners[sl], config.crop)
-        x = x_cpu.to(dev, non_blocking=True)
+        x_cpu = _patches(x_cpu, step, config, sl)
+        x = x_cpu.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
         idx = torch.tensor([model.contrast_index(c) for c in contrasts], device=dev)
         onehot = F.one_hot(idx, model.config.num_slots).float()
         gen = torch.Generator(device=dev).manual_seed(mix_seed(config.seed, step, 1))
         z = torch.randn(gb, generator=gen, device=dev)
-        noise = torch.randn((gb, *x.shape[1:]), generator=gen, device=dev)
+        noise = torch.randn((gb, *x.shape[1:]), generator=gen, device=dev).contiguous(
+            memory_format=memory_format
+        )
         if config.label_dropout > 0:  # classifier-free guidance: some samples see no contrast
             keep = torch.rand(gb, generator=gen, device=dev) >= config.label_dropout
             onehot = onehot * keep[sl, None].float()
@@ -379,6 +393,7 @@ def train(
                         "card_info": card_info,
                         "best": best,
                         "history": history,
+                        "cpu_precision": precision.to_dict(),
                         "rng": {"scheme": "mix_seed(seed, step, stream)", "seed": config.seed},
                     },
                 )
@@ -395,6 +410,44 @@ def train(
         "wall_time_s": wall_before + time.perf_counter() - t_start,
         "num_parameters": count_parameters(model),
     }
+
+
+def _precision(
+    config: TrainConfig, model: EDMDenoiser, state_dir: Path | None, info: DistInfo
+) -> CpuPrecision:
+    """bf16 / channels_last on CPU: as saved (resume), as configured, or measured (``auto``)."""
+    if info.device.type != "cpu":
+        return CpuPrecision()
+    if state_dir is not None:
+        saved = read_training_meta(state_dir).get("cpu_precision")
+        if saved:  # a resumed run keeps its arithmetic, so it continues bit-identically
+            return CpuPrecision(bool(saved["bf16"]), bool(saved["channels_last"]), saved.get("measured"))
+    if config.cpu_precision != "auto":
+        return CpuPrecision.named(config.cpu_precision)
+    local = config.global_batch // info.world_size
+    chosen = [probe_cpu_precision(model, batch=local, crop=config.crop or 64) if info.is_main else None]
+    if info.world_size > 1:  # every rank must compute alike: rank 0's measurement decides
+        dist.broadcast_object_list(chosen, src=0)
+    assert chosen[0] is not None
+    log.info("CPU precision probe (patches/s): %s -> %s", chosen[0].measured, chosen[0].name)
+    return chosen[0]
+
+
+def _patches(x: torch.Tensor, step: int, config: TrainConfig, rows: slice) -> torch.Tensor:
+    """This rank's training inputs of ``step``: crops (random or head-biased) and augmentation."""
+    crop = config.crop
+    if crop is not None and config.large_crop and config.large_every and (step + 1) % config.large_every == 0:
+        crop = min(config.large_crop, x.shape[2], x.shape[3])
+    share = (rows.start, config.global_batch)
+    if crop is not None and config.augment:
+        x = head_patches(x, step=step, crop=crop, seed=config.seed, rows=share)
+    elif crop is not None:  # offsets of the whole global batch; this rank takes its share
+        hw = (x.shape[2], x.shape[3])
+        corners = crop_offsets(step, global_batch=config.global_batch, size=hw, crop=crop, seed=config.seed)
+        x = crop_batch(x, corners[rows], crop)
+    if config.augment:
+        x = augment(x, step=step, seed=config.seed, settings=Augmentation(), rows=share)
+    return x
 
 
 def _append_log(out: Path, record: dict[str, Any]) -> None:
@@ -428,12 +481,20 @@ def _card_training(
         "ema": {"halflife_images": config.ema_halflife_images, "rampup_ratio": config.ema_rampup_ratio},
         "loss": {"name": "edm", "p_mean": -1.2, "p_std": 1.2, "sigma_data": 0.5},
         "label_dropout": config.label_dropout,
-        "precision": "bf16 autocast" if (config.amp and info.device.type == "cuda") else "fp32",
+        "precision": _precision_label(config, info, card_info.get("cpu_precision")),
         "seed": config.seed,
         "hardware": hardware_description(info),
         "wall_time_s": round(wall, 1),
         "command": " ".join(sys.argv),
     }
+
+
+def _precision_label(config: TrainConfig, info: DistInfo, cpu: dict[str, Any] | None) -> str:
+    if info.device.type == "cuda":
+        return "bf16 autocast" if config.amp else "fp32"
+    if cpu and cpu.get("bf16"):
+        return "bf16 autocast (CPU)" + (", channels_last" if cpu.get("channels_last") else "")
+    return "fp32" + (", channels_last" if cpu and cpu.get("channels_last") else "")
 
 
 def _card_validation(

@@ -36,10 +36,19 @@ slopes at ``x_i`` and the Euler prediction (one extra network call without graph
     x = s_0 n                                  (or init + s_0 n)
     for i in 0 .. N-1:
         x0 = D(x, s_i)                         no graph
-        z  = CG_k on (A^H A + gamma I) z = A^H y + gamma x0, started at x0
+        g  = gamma + lambda (sigma_y / s_i)^2  (noise-calibrated weight; lambda = 0: constant)
+        z  = CG_k on (A^H A + g I) z = A^H y + g x0, started at x0
         eps = (x - x0) / s_i                   the denoiser's noise estimate
         c   = eta s_{i+1} sqrt(1 - s_{i+1}^2 / s_i^2)
         x  = z + sqrt(s_{i+1}^2 - c^2) eps + c n        (DDIM re-noising; = z at s_N = 0)
+
+The noise-calibrated weight: with ``x0`` an estimate whose error has about the size ``s_i`` of
+the noise it was denoised from, and k-space noise ``sigma_y`` per sample (normalised units, 1 /
+scale after prewhitening), the MAP combination of the data and ``x0`` on the sampled k-space is
+``(A^H A + (sigma_y / s_i)^2 I) z = A^H y + (sigma_y / s_i)^2 x0``: early (``s_i >> sigma_y``) the
+data win, late (``s_i < sigma_y``) the denoised image does, so the sampler also removes the thermal
+noise that CG-SENSE keeps. ``lambda`` (``data_weight``) corrects for the denoiser's error being
+smaller than ``s_i`` (tuned per model, in its card); ``gamma`` is a small floor.
 
 Support: pixels that no coil sees (ESPIRiT maps are zero there) are in the null space of ``A``,
 so the data never corrects them and the prior's texture would stay in the background (CG-SENSE
@@ -322,18 +331,27 @@ def dds_sample(
     rho: float = DEFAULT_RHO,
     init: Tensor | None = None,
     support: Tensor | None = None,
+    noise_sigma: Tensor | None = None,
+    data_weight: float = 0.0,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> SampleResult:
     """Decomposed diffusion sampling: denoise, a few CG data-consistency iterations, re-noise.
 
     ``gamma`` > 0 weights the proximity to the denoised image in the CG system (smaller = closer to
-    the data); ``cg_iters`` CG iterations per step, one system per item; ``eta`` in [0, 1] the DDIM
+    the data); ``noise_sigma`` (B,) the k-space noise per sample in the units of ``y`` and
+    ``data_weight`` (lambda) >= 0 add ``lambda (noise_sigma / s_i)^2`` to it (module docstring);
+    ``cg_iters`` CG iterations per step, one system per item; ``eta`` in [0, 1] the DDIM
     stochasticity (0 deterministic). ``init``/``sigma_max``/``support`` as in :func:`dps_sample`.
     ``callback(i, z, ||A z - y|| / ||y||)`` after each step. No gradient through the network.
     """
     _check(y, steps, init)
-    if gamma <= 0 or cg_iters < 0 or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"need gamma > 0, cg_iters >= 0, 0 <= eta <= 1; got {gamma}, {cg_iters}, {eta}")
+    if gamma <= 0 or cg_iters < 0 or not 0.0 <= eta <= 1.0 or data_weight < 0:
+        raise ValueError(
+            f"need gamma > 0, cg_iters >= 0, 0 <= eta <= 1, data_weight >= 0; "
+            f"got {gamma}, {cg_iters}, {eta}, {data_weight}"
+        )
+    if data_weight > 0 and (noise_sigma is None or noise_sigma.shape != (y.shape[0],)):
+        raise ValueError(f"data_weight > 0 needs noise_sigma of shape ({y.shape[0]},)")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     with torch.no_grad():
         x, aty = _start(y, forward_op, init, float(sigmas[0]), generator, support)
@@ -345,9 +363,16 @@ def dds_sample(
             x0 = denoise(x, torch.full((b,), s, dtype=torch.float32, device=x.device)).float()
             x0 = _restrict(x0, support)
             x0c = to_complex(x0)
+            g: float | Tensor = gamma
+            if data_weight > 0 and noise_sigma is not None:
+                g = gamma + data_weight * (noise_sigma.to(x.device).reshape(-1, 1, 1) / s) ** 2
+
+            def system(v: Tensor, g: float | Tensor = g) -> Tensor:
+                return forward_op.normal(v) + g * v
+
             z = conjugate_gradient(
-                lambda v: forward_op.normal(v) + gamma * v,
-                aty + gamma * x0c,
+                system,
+                aty + g * x0c,
                 iters=cg_iters,
                 tol=1e-7,
                 x0=x0c,
@@ -366,6 +391,7 @@ def dds_sample(
         "sampler": "dds",
         "steps": steps,
         "gamma": gamma,
+        "data_weight": data_weight,
         "cg_iters": cg_iters,
         "eta": eta,
         "sigma_min": sigma_min,

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon_server.recon.classic import cg_sense
+from recon_server.recon.classic import cg_sense, l1_wavelet
 from recon_server.recon.dps import DenoiseFn, SampleResult, check_stop, dds_sample, dps_sample
+from recon_server.recon.noise import noise_level
 from recon_server.recon.sense import SenseOperator
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_BATCH = 4
 MEMORY_FRACTION = 0.8
 TRAINING_CENTER_FRACTION = 0.08  # data.slices.DEFAULT_CENTER_FRACTION, the training scale rule
+WARM_STARTS = {"cg-sense": cg_sense, "l1-wavelet": l1_wavelet}
 
 __all__ = [
     "SamplerSpec",
@@ -67,8 +69,10 @@ __all__ = [
 class SamplerSpec:
     """A sampler and its settings (``kind``: ``"dps"`` faithful, ``"dds"`` decomposed, no backprop).
 
-    ``warm_sigma``: start from the CG-SENSE image noised to this sigma (the schedule then runs from
-    ``warm_sigma`` down to ``sigma_min`` in ``steps`` steps); None = cold start at ``sigma_max``.
+    ``warm_sigma``: start from the ``warm_start`` image (``cg-sense`` or ``l1-wavelet``, both with
+    their noise-calibrated weights) noised to this sigma (the schedule then runs from ``warm_sigma``
+    down to ``sigma_min`` in ``steps`` steps); None = cold start at ``sigma_max``.
+    ``data_weight``: lambda of the noise-calibrated CG weight of DDS (:mod:`recon_server.recon.dps`).
     """
 
     kind: str
@@ -83,10 +87,14 @@ class SamplerSpec:
     sigma_max: float = 10.0
     rho: float = 7.0
     warm_sigma: float | None = None
+    warm_start: str = "cg-sense"
+    data_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("dps", "dds"):
             raise ValueError(f"sampler kind must be 'dps' or 'dds', got {self.kind!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {sorted(WARM_STARTS)}, got {self.warm_start!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.warm_sigma is not None and not self.sigma_min < self.warm_sigma <= self.sigma_max:
@@ -106,6 +114,7 @@ class SamplerSpec:
         generators: Sequence[torch.Generator],
         init: Tensor | None,
         support: Tensor | None = None,
+        noise_sigma: Tensor | None = None,
     ) -> SampleResult:
         sigma_max = self.warm_sigma if self.warm_sigma is not None else self.sigma_max
         common: dict[str, Any] = dict(
@@ -119,7 +128,17 @@ class SamplerSpec:
         )
         if self.kind == "dps":
             return dps_sample(denoise, op, y, zeta=self.zeta, solver=self.solver, guard=self.guard, **common)
-        return dds_sample(denoise, op, y, gamma=self.gamma, cg_iters=self.cg_iters, eta=self.eta, **common)
+        return dds_sample(
+            denoise,
+            op,
+            y,
+            gamma=self.gamma,
+            cg_iters=self.cg_iters,
+            eta=self.eta,
+            noise_sigma=noise_sigma,
+            data_weight=self.data_weight,
+            **common,
+        )
 
     def describe(self) -> dict[str, object]:
         """Settings for the provenance (only those the sampler uses)."""
@@ -127,10 +146,10 @@ class SamplerSpec:
         if self.kind == "dps":
             d.update(zeta=self.zeta, solver=self.solver, guard=self.guard)
         else:
-            d.update(gamma=self.gamma, cg_iters=self.cg_iters, eta=self.eta)
+            d.update(gamma=self.gamma, cg_iters=self.cg_iters, eta=self.eta, data_weight=self.data_weight)
         d.update(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
         if self.warm_sigma is not None:
-            d.update(warm_start="cg-sense", warm_sigma=self.warm_sigma)
+            d.update(warm_start=self.warm_start, warm_sigma=self.warm_sigma)
         return d
 
 
@@ -222,9 +241,30 @@ def load_model(model_dir: str | os.PathLike[str], device: torch.device | str = "
     return _MODELS[key]
 
 
-def bind_denoiser(denoiser: Any, contrast: str | int, *, device: torch.device, amp: bool) -> DenoiseFn:
+def network_precision(
+    denoiser: Any, *, device: torch.device, amp: bool, cpu_precision: str
+) -> tuple[bool, bool]:
+    """``(bf16 autocast, channels_last)`` for running ``denoiser`` (see :func:`bind_denoiser`)."""
+    if not (amp and isinstance(denoiser, torch.nn.Module)):
+        return False, False
+    if device.type == "cuda":
+        return True, False
+    if cpu_precision == "fp32":
+        return False, False
+    from recon_server.dpm.precision import CpuPrecision, inference_precision
+
+    chosen = inference_precision(denoiser) if cpu_precision == "auto" else CpuPrecision.named(cpu_precision)
+    return chosen.bf16, chosen.channels_last
+
+
+def bind_denoiser(
+    denoiser: Any, contrast: str | int, *, device: torch.device, amp: bool, cpu_precision: str = "fp32"
+) -> DenoiseFn:
     """``denoise(x, sigma)`` for one contrast; bf16 autocast on CUDA for torch modules when ``amp``.
 
+    On the CPU, torch modules run in ``cpu_precision`` (``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``
+    or ``auto``: the fastest of them, measured once per model by
+    :func:`recon_server.dpm.precision.inference_precision`), when ``amp``.
     ``denoiser``: any object with ``__call__(x, sigma, labels)`` (torch or ONNX Runtime backend);
     a contrast name it lacks raises ValueError naming its slots (``contrast_index``).
     """
@@ -233,11 +273,16 @@ def bind_denoiser(denoiser: Any, contrast: str | int, *, device: torch.device, a
         if not contrast:
             raise ValueError("the scan's contrast is unknown; the diffusion methods need one")
         label = denoiser.contrast_index(contrast)
-    use_amp = amp and device.type == "cuda" and isinstance(denoiser, torch.nn.Module)
+    use_amp, channels_last = network_precision(denoiser, device=device, amp=amp, cpu_precision=cpu_precision)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        from recon_server.dpm.precision import set_memory_format
+
+        set_memory_format(denoiser, channels_last=True)
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            return denoiser(x, sigma, label).float()
+            return denoiser(x.contiguous(memory_format=memory_format), sigma, label).float()
 
     return denoise
 
@@ -307,11 +352,15 @@ def reconstruct_volume(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     amp: bool = True,
+    noise_sigma: float | None = None,
+    cpu_precision: str = "fp32",
 ) -> VolumeResult:
     """Run ``spec`` on every slice (``samples`` posterior samples each); see the module docstring.
 
     ``kspace``/``maps``: complex ``(S, C, ky, kx)``; ``mask``: ``(ky, kx)``, ``(S, ky, kx)`` or
-    ``(S, 1, ky, kx)``. Returns a :class:`VolumeResult` with tensors on the CPU.
+    ``(S, 1, ky, kx)``. ``noise_sigma``: the noise of one k-space sample (1 after prewhitening);
+    None: estimated from the data (:func:`recon_server.recon.noise.noise_level`). Returns a
+    :class:`VolumeResult` with tensors on the CPU.
     """
     t_start = time.perf_counter()
     _check_volume(kspace, maps)
@@ -323,7 +372,13 @@ def reconstruct_volume(
     mask_t = torch.as_tensor(mask, device=dev)
     per_slice_mask = mask_t.ndim >= 3 and mask_t.shape[0] == kspace.shape[0] and kspace.shape[0] > 1
     scale = volume_scale(kspace, maps, mask_t).to(dev)
-    denoise = bind_denoiser(denoiser, contrast, device=dev, amp=amp)
+    sigma_y: Tensor | None = None  # k-space noise in the sampler's units, where a step needs it
+    if noise_sigma is not None:
+        sigma_y = torch.full_like(scale, float(noise_sigma)) / scale
+    elif spec.kind == "dds" and spec.data_weight > 0:
+        sigma_y = noise_level(kspace, mask_t).to(dev) / scale
+    denoise = bind_denoiser(denoiser, contrast, device=dev, amp=amp, cpu_precision=cpu_precision)
+    bf16, _ = network_precision(denoiser, device=dev, amp=amp, cpu_precision=cpu_precision)
     n_slices = kspace.shape[0]
     items = [(k, s) for k in range(samples) for s in range(n_slices)]
 
@@ -333,9 +388,11 @@ def reconstruct_volume(
         y = kspace[idx] * op.mask / scale[idx, None, None, None]
         init = None
         if spec.warm_sigma is not None:
-            init = cg_sense(y, maps[idx], op.mask)
+            noise = None if sigma_y is None else sigma_y[idx]
+            init = WARM_STARTS[spec.warm_start](y, maps[idx], op.mask, noise_sigma=noise)
         support = op.maps.abs().square().sum(dim=1) > 0  # pixels some coil sees (ESPIRiT crops)
-        return spec.run(denoise, op, y, item_generators(seed, batch), init, support)
+        noise = None if sigma_y is None else sigma_y[idx]
+        return spec.run(denoise, op, y, item_generators(seed, batch), init, support, noise)
 
     if batch_size is None:
         if dev.type == "cuda":
@@ -377,7 +434,7 @@ def reconstruct_volume(
         "nfe_per_slice": nfe * samples,
         "batch_size": batch_size,
         "device": str(dev),
-        "amp_bf16": bool(amp and dev.type == "cuda"),
+        "amp_bf16": bf16,
         "residual_rel_mean": round(float(residuals.mean()), 5),
     }
     return VolumeResult(
@@ -387,7 +444,7 @@ def reconstruct_volume(
         samples=samples,
         batch_size=batch_size,
         device=str(dev),
-        amp=bool(amp and dev.type == "cuda"),
+        amp=bf16,
         seconds=time.perf_counter() - t_start,
         settings=settings,
     )

@@ -128,6 +128,7 @@ class DiffusionSettings:
     seed: int = 0
     batch_size: int | None = None
     amp: bool = True
+    cpu_precision: str = "auto"  # CPU arithmetic of the network (engine.bind_denoiser)
     device: str | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -199,7 +200,7 @@ class DiffusionMethod:
             tuned = bool(section.get("tuned", False))
             table = section.get("gamma_per_acceleration") if tuned else None
             kw["gamma"] = pick_by_acceleration(table or FALLBACK_GAMMA, acceleration)
-            for key in ("cg_iters", "eta"):
+            for key in ("cg_iters", "eta", "data_weight", "warm_start"):
                 if key in section:
                     kw[key] = section[key]
         kw.update(DIFFUSION.overrides.get(self.name, {}))
@@ -238,6 +239,8 @@ class DiffusionMethod:
             batch_size=DIFFUSION.batch_size,
             device=device,
             amp=DIFFUSION.amp,
+            noise_sigma=problem.noise_sigma,
+            cpu_precision=DIFFUSION.cpu_precision,
         )
         settings = {**result.settings, "weights_tuned": tuned}
         return MethodOutput(

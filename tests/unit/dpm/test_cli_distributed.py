@@ -28,6 +28,8 @@ COMMON = [
     "--no-progress",
     "--device",
     "cpu",
+    "--cpu-precision",  # the equivalence is about fp32 arithmetic; bf16 rounds per batch shape
+    "fp32",
 ]
 PRETRAIN = ["train", "pretrain", "--contrasts", "T1,T2,T1POST", "--model-size", "tiny", "--val-every", "2"]
 
