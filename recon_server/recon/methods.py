@@ -153,13 +153,18 @@ def model_directory() -> Path:
     return DIFFUSION.model_dir if DIFFUSION.model_dir is not None else DEFAULT_MODEL_DIR
 
 
-def pick_by_acceleration(table: dict[Any, Any], acceleration: float) -> float:
-    """The entry whose acceleration key is nearest to ``acceleration`` in log R (ties: larger R)."""
-    entries = [(float(k), float(v)) for k, v in table.items()]
+def nearest_acceleration(table: dict[Any, Any], acceleration: float) -> Any:
+    """The value whose acceleration key is nearest to ``acceleration`` in log R (ties: larger R)."""
+    entries = [(float(k), v) for k, v in table.items()]
     if not entries:
         raise ValueError("empty per-acceleration table")
     r = max(float(acceleration), 1.0)
     return min(entries, key=lambda kv: (abs(math.log(kv[0] / r)), -kv[0]))[1]
+
+
+def pick_by_acceleration(table: dict[Any, Any], acceleration: float) -> float:
+    """The number whose acceleration key is nearest to ``acceleration`` (:func:`nearest_acceleration`)."""
+    return float(nearest_acceleration(table, acceleration))
 
 
 class DiffusionMethod:
@@ -203,6 +208,8 @@ class DiffusionMethod:
             for key in ("cg_iters", "eta", "data_weight", "warm_start"):
                 if key in section:
                     kw[key] = section[key]
+            if tuned and section.get("per_acceleration"):  # a whole schedule per R (tune_sampler.py)
+                kw.update(nearest_acceleration(section["per_acceleration"], acceleration))
         kw.update(DIFFUSION.overrides.get(self.name, {}))
         return SamplerSpec(**kw), tuned
 

@@ -105,6 +105,23 @@ def test_tuned_card_values_are_used_and_the_card_still_loads(tiny_model: Path, t
     assert dps.spec(card, 2.0)[0].zeta == 0.5
     assert dps.spec(card, 5.0)[0].zeta == 3.0  # nearest in log R: 5 -> 6
     assert dps.spec(None, 4.0)[0].zeta == methods.FALLBACK_ZETA[4]
+    # a whole schedule per R for the fast sampler (benchmarks/tune_sampler.py writes it)
+    schedule = {
+        "2": {"steps": 4, "warm_sigma": 0.2, "data_weight": 1.5, "warm_start": "l1-wavelet", "eta": 0.0}
+    }
+    defaults["dps_fast"] = {"tuned": True, "per_acceleration": {**schedule, "6": {"steps": 9}}}
+    update_card_sampler_defaults(model, defaults)
+    fast = methods.METHODS["dps-fast"]
+    assert isinstance(fast, methods.DiffusionMethod)
+    spec, tuned = fast.spec(read_card(model), 2.5)
+    assert tuned and (spec.steps, spec.warm_sigma, spec.data_weight, spec.warm_start, spec.eta) == (
+        4,
+        0.2,
+        1.5,
+        "l1-wavelet",
+        0.0,
+    )
+    assert fast.spec(read_card(model), 5.0)[0].steps == 9
 
 
 class _PlainDenoiser:

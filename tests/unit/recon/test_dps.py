@@ -196,3 +196,26 @@ def test_bad_inputs_raise_clear_errors(problem: tuple) -> None:
         dps.dds_sample(den, op, y, steps=2, generator=[_gen(0)])
     with pytest.raises(ValueError, match="solver"):
         dps.dps_sample(den, op, y, steps=2, solver="rk4")
+
+
+def test_noise_calibrated_weight_removes_the_noise_the_data_carry(problem: tuple) -> None:
+    # With a perfect prior (the oracle) and noisy data, the constant weight keeps the noise on the
+    # sampled k-space; the weight lambda (sigma_y / s_i)^2 hands the late steps to the prior.
+    truth, op, y = problem
+    sigma_y = 0.05
+    noisy = y + op.mask * sigma_y * torch.randn(y.shape, dtype=y.dtype, generator=_gen(4))
+
+    def oracle(x: Tensor, s: Tensor) -> Tensor:
+        return dps.to_channels(truth).clone()
+
+    noise = torch.full((y.shape[0],), sigma_y)
+    plain = dps.dds_sample(oracle, op, noisy, steps=10, gamma=1e-3, generator=_gen(0))
+    calibrated = dps.dds_sample(
+        oracle, op, noisy, steps=10, gamma=1e-3, noise_sigma=noise, data_weight=1.0, generator=_gen(0)
+    )
+    assert _rel(calibrated.image, truth) < 0.2 * _rel(plain.image, truth)
+    assert calibrated.settings["data_weight"] == 1.0
+    with pytest.raises(ValueError, match="noise_sigma of shape"):
+        dps.dds_sample(oracle, op, noisy, steps=2, data_weight=1.0, generator=_gen(0))
+    with pytest.raises(ValueError, match="data_weight >= 0"):
+        dps.dds_sample(oracle, op, noisy, steps=2, data_weight=-1.0, noise_sigma=noise, generator=_gen(0))

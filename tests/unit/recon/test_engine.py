@@ -123,6 +123,24 @@ def test_warm_start_runs_only_the_end_of_the_schedule(volume: tuple, tiny: torch
     assert res.nfe == 3 and res.settings["warm_start"] == "cg-sense" and res.settings["warm_sigma"] == 0.5
     with pytest.raises(ValueError, match="warm_sigma"):
         SamplerSpec(kind="dds", steps=3, warm_sigma=50.0)
+    l1 = SamplerSpec(kind="dds", steps=2, warm_sigma=0.2, warm_start="l1-wavelet", data_weight=1.0, eta=0.0)
+    res = reconstruct_volume(tiny, "FLAIR", k, maps, mask, l1)  # the noise level estimated from the data
+    assert res.settings["warm_start"] == "l1-wavelet" and res.settings["data_weight"] == 1.0
+    assert torch.isfinite(res.image).all()
+    with pytest.raises(ValueError, match="warm_start must be one of"):
+        SamplerSpec(kind="dds", steps=3, warm_start="zero-filled")
+
+
+def test_cpu_precision_choices_agree_with_fp32(volume: tuple) -> None:
+    k, maps, mask = volume
+    model = build_denoiser("tiny-res", ["T1", "FLAIR"], seed=2).eval().requires_grad_(False)
+    spec = SamplerSpec(kind="dds", steps=3, eta=0.0)
+    ref = reconstruct_volume(model, "FLAIR", k, maps, mask, spec)
+    assert ref.settings["amp_bf16"] is False
+    for setting in ("bf16-cl", "auto"):
+        out = reconstruct_volume(model, "FLAIR", k, maps, mask, spec, cpu_precision=setting)
+        assert float((out.image - ref.image).abs().max() / ref.image.abs().max()) < 0.02
+    assert reconstruct_volume(model, "FLAIR", k, maps, mask, spec, cpu_precision="bf16").settings["amp_bf16"]
 
 
 def test_batch_size_from_free_memory_and_cpu_fallback() -> None:
