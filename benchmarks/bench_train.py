@@ -5,6 +5,10 @@ update (bf16 autocast on CUDA, fp32 on CPU), on random 2-channel images of the g
 
     .venv/bin/python benchmarks/bench_train.py                     # demo + paper, 256x256, CPU (+CUDA)
     .venv/bin/python benchmarks/bench_train.py --sizes demo --devices cuda --cuda-batch 32
+    .venv/bin/python benchmarks/bench_train.py --cpu-probe cpu-res,cpu --threads 1   # CPU precisions
+
+``--cpu-probe``: the trainer's own start-up measurement (``recon_server.dpm.precision``) of
+fp32 / bf16 autocast / channels_last on batch-16 64x64 patches, per size, on this machine.
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ def time_steps(size: str, device: str, *, batch: int, matrix: int, steps: int, w
     }
 
 
+def cpu_probe(sizes: list[str]) -> int:
+    from recon_server.dpm.precision import probe_cpu_precision
+
+    print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
+    print(f"machine: {describe_machine()}; torch threads {torch.get_num_threads()}  ")
+    print("training step (EDM loss fwd + bwd) on batch 16, 64x64 patches, patches/s (best of 3)\n")
+    print(
+        "| size | params | fp32 | bf16 | fp32 channels_last | bf16 channels_last | chosen | bf16-cl / fp32 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for size in sizes:
+        model = build_denoiser(size, ["T1", "T2", "T1POST"], seed=0)
+        chosen = probe_cpu_precision(model, batch=16, crop=64, repeats=3)
+        m = chosen.measured or {}
+        print(
+            f"| {size} | {count_parameters(model) / 1e6:.2f}M | {m['fp32']} | {m['bf16']} | {m['fp32-cl']} | "
+            f"{m['bf16-cl']} | {chosen.name} | {m['bf16-cl'] / m['fp32']:.2f} |",
+            flush=True,
+        )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="demo,paper")
@@ -71,9 +97,12 @@ def main() -> int:
     p.add_argument("--cpu-steps", type=int, default=2)
     p.add_argument("--cuda-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--cpu-probe", default="", help="sizes to time in every CPU precision (patches/s)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_probe:
+        return cpu_probe(args.cpu_probe.split(","))
     cpu_batch = dict(kv.split("=") for kv in args.cpu_batch.split(","))
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
     print(f"machine: {describe_machine()}  ")

@@ -39,11 +39,13 @@ from recon_server.recon.methods import DIFFUSION, ReconProblem, configure_diffus
 SECTION = "dps_fast"
 KEYS = {
     "warm_sigma": float,
+    "sigma_min": float,
     "steps": int,
     "data_weight": float,
     "eta": float,
     "cg_iters": int,
     "gamma": float,
+    "renoise": lambda v: bool(int(v)),
 }
 
 

@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = _stage("4. quality against the simulation's noiseless truth")
     truth = np.abs(np.load(subject / "truth.npy"))
     recon = np.load(out / "replay" / "images.npy")
-    baselines = [m for m in ("zero-filled", "cg-sense") if m != args.method]
+    baselines = [m for m in ("zero-filled", "cg-sense", "l1-wavelet") if m != args.method]
     images = offline_baselines(subject / "raw.h5", baselines)
     images[f"{args.method} (server)"] = recon
     rows = quality_rows(images, truth)

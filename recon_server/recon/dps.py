@@ -333,10 +333,15 @@ def dds_sample(
     support: Tensor | None = None,
     noise_sigma: Tensor | None = None,
     data_weight: float = 0.0,
+    renoise: bool = True,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> SampleResult:
     """Decomposed diffusion sampling: denoise, a few CG data-consistency iterations, re-noise.
 
+    ``renoise`` False skips the DDIM re-noising (``x = z``): the next step denoises the data-
+    consistent image itself, treating its remaining error as noise of level ``s_{i+1}``
+    (plug-and-play half-quadratic splitting as in DPIR, with the same noise-calibrated weight);
+    a warm start is then used as it is (no noise added: its own error is the noise of ``s_0``).
     ``gamma`` > 0 weights the proximity to the denoised image in the CG system (smaller = closer to
     the data); ``noise_sigma`` (B,) the k-space noise per sample in the units of ``y`` and
     ``data_weight`` (lambda) >= 0 add ``lambda (noise_sigma / s_i)^2`` to it (module docstring);
@@ -354,7 +359,9 @@ def dds_sample(
         raise ValueError(f"data_weight > 0 needs noise_sigma of shape ({y.shape[0]},)")
     sigmas = edm_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     with torch.no_grad():
-        x, aty = _start(y, forward_op, init, float(sigmas[0]), generator, support)
+        # Plug-and-play from a warm start: the start image's own error is the "noise" of level s_0.
+        start_noise = 0.0 if (not renoise and init is not None) else float(sigmas[0])
+        x, aty = _start(y, forward_op, init, start_noise, generator, support)
         b = x.shape[0]
         z = to_complex(x)
         for i in range(steps):
@@ -382,6 +389,9 @@ def dds_sample(
                 callback(i, z, residual_norm(forward_op, z, y))
             if s_next <= 0:
                 break
+            if not renoise:
+                x = to_channels(z)
+                continue
             eps = (x - x0) / s
             c = eta * s_next * math.sqrt(max(0.0, 1.0 - (s_next / s) ** 2))
             noise = randn(tuple(x.shape), generator, x.device) if c > 0 else torch.zeros_like(x)
@@ -392,6 +402,7 @@ def dds_sample(
         "steps": steps,
         "gamma": gamma,
         "data_weight": data_weight,
+        "renoise": renoise,
         "cg_iters": cg_iters,
         "eta": eta,
         "sigma_min": sigma_min,

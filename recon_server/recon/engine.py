@@ -89,6 +89,7 @@ class SamplerSpec:
     warm_sigma: float | None = None
     warm_start: str = "cg-sense"
     data_weight: float = 0.0
+    renoise: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("dps", "dds"):
@@ -137,6 +138,7 @@ class SamplerSpec:
             eta=self.eta,
             noise_sigma=noise_sigma,
             data_weight=self.data_weight,
+            renoise=self.renoise,
             **common,
         )
 
@@ -147,6 +149,7 @@ class SamplerSpec:
             d.update(zeta=self.zeta, solver=self.solver, guard=self.guard)
         else:
             d.update(gamma=self.gamma, cg_iters=self.cg_iters, eta=self.eta, data_weight=self.data_weight)
+            d.update(renoise=self.renoise)
         d.update(sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
         if self.warm_sigma is not None:
             d.update(warm_start=self.warm_start, warm_sigma=self.warm_sigma)

@@ -205,7 +205,7 @@ class DiffusionMethod:
             tuned = bool(section.get("tuned", False))
             table = section.get("gamma_per_acceleration") if tuned else None
             kw["gamma"] = pick_by_acceleration(table or FALLBACK_GAMMA, acceleration)
-            for key in ("cg_iters", "eta", "data_weight", "warm_start"):
+            for key in ("cg_iters", "eta", "data_weight", "warm_start", "renoise"):
                 if key in section:
                     kw[key] = section[key]
             if tuned and section.get("per_acceleration"):  # a whole schedule per R (tune_sampler.py)

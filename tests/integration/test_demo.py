@@ -17,8 +17,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    rows = dict(re.findall(r"^\| (zero-filled|cg-sense \(server\)) \| ([0-9.]+) \|", printed, flags=re.M))
-    assert set(rows) == {"zero-filled", "cg-sense (server)"}, printed
+    pattern = r"^\| (zero-filled|l1-wavelet|cg-sense \(server\)) \| ([0-9.]+) \|"
+    rows = dict(re.findall(pattern, printed, flags=re.M))
+    assert set(rows) == {"zero-filled", "l1-wavelet", "cg-sense (server)"}, printed
     assert float(rows["cg-sense (server)"]) < float(rows["zero-filled"])  # the reconstruction helps
     assert "dciodvfy: 0 errors in 2 files" in printed
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -215,6 +215,13 @@ def test_noise_calibrated_weight_removes_the_noise_the_data_carry(problem: tuple
     )
     assert _rel(calibrated.image, truth) < 0.2 * _rel(plain.image, truth)
     assert calibrated.settings["data_weight"] == 1.0
+    # plug-and-play (no re-noising) from a warm start: deterministic, and as good with this prior
+    kw = dict(steps=6, gamma=1e-3, noise_sigma=noise, data_weight=1.0, renoise=False, sigma_max=0.3)
+    warm = op.adjoint(noisy)
+    pnp = dps.dds_sample(oracle, op, noisy, init=warm, generator=_gen(0), **kw)
+    again = dps.dds_sample(oracle, op, noisy, init=warm, generator=_gen(1), **kw)
+    assert torch.equal(pnp.image, again.image) and pnp.settings["renoise"] is False
+    assert _rel(pnp.image, truth) < 0.2 * _rel(plain.image, truth)
     with pytest.raises(ValueError, match="noise_sigma of shape"):
         dps.dds_sample(oracle, op, noisy, steps=2, data_weight=1.0, generator=_gen(0))
     with pytest.raises(ValueError, match="data_weight >= 0"):
