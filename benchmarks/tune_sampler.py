@@ -92,7 +92,7 @@ def prepare(path: Path, accel: int, slices: int, contrast: str | None) -> Case:
         noise_sigma=1.0,
     )
     rows = scan.acs[1] - scan.acs[0]
-    return Case(f"{path.name} R={accel}", problem, np.abs(subject.truth), subject.labels, rows)
+    return Case(f"{path.name} R={accel}", problem, subject.reference, subject.labels, rows)
 
 
 def score(method: str, cases: list[Case]) -> tuple[float, float]:

@@ -6,10 +6,12 @@ Stages (each through the project's public commands, as a user would run them):
    (ISMRMRD raw file with noise scan and calibration lines) plus its noiseless truth.
 2. ``recon-server serve`` in a child process: the MRD stream server, writing DICOM.
 3. ``recon-server replay``: streams the raw file to the server and saves the returned images.
-4. Quality: NRMSE / PSNR / SSIM of the returned magnitude images against the truth (conventions
-   in ``recon_server.metrics``: least-squares scale fit, head mask), next to zero-filled and
-   CG-SENSE of the same file. The server uses the shipped diffusion model (``dps-fast``) when
-   ``models/flair-stroke-demo`` is installed, CG-SENSE otherwise, and says which.
+4. Quality: NRMSE / PSNR / SSIM of the returned magnitude images against the noiseless truth
+   times the prewhitened coil weighting (``coil_weight.npy``: what the data determine, see
+   ``recon_server.evaluate``; conventions in ``recon_server.metrics``: least-squares scale fit,
+   head mask), next to zero-filled, CG-SENSE and L1-wavelet of the same file. The server uses
+   the shipped diffusion model (``dps-fast``) when ``models/flair-stroke-demo`` is installed,
+   CG-SENSE otherwise, and says which.
 5. DICOM: the series the server wrote, checked with ``dciodvfy`` when dicom3tools is installed.
 6. ``preview.png``: truth | reconstruction | 5x error, for three slices.
 """
@@ -164,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = _stage("4. quality against the simulation's noiseless truth")
     truth = np.abs(np.load(subject / "truth.npy"))
+    if (subject / "coil_weight.npy").is_file():  # what the prewhitened data determine (evaluate.py)
+        truth = truth * np.load(subject / "coil_weight.npy")
     recon = np.load(out / "replay" / "images.npy")
     baselines = [m for m in ("zero-filled", "cg-sense", "l1-wavelet") if m != args.method]
     images = offline_baselines(subject / "raw.h5", baselines)

@@ -14,9 +14,13 @@ Protocol (per subject, per acceleration R):
 2. Each method runs through ``pipeline.reconstruct_all`` (prewhitening, ESPIRiT, method), exactly as
    the service runs it. BART ``pics`` (``--bart``, when the binary exists) gets the same prewhitened
    undersampled k-space and estimates its own maps (``ecalib -m1``).
-3. Metrics (``recon_server.metrics``): NRMSE, PSNR, SSIM of the magnitude against ``|truth|`` over the
-   whole image, after a least-squares real scale fit (``fit_scale=True``: the pipeline normalises
-   intensities, BART rescales, the simulator has its own units; the fit is the same for all).
+3. Metrics (``recon_server.metrics``): NRMSE, PSNR, SSIM of the magnitude against the reference
+   ``|truth| x coil_weight`` (``coil_weight.npy``, :func:`recon_server.data.acquire.prewhitened_coil_weight`:
+   after prewhitening, coil combination returns the object times ``||L^-1 S||``, a smooth +-15 %
+   weighting no method can undo; against ``|truth|`` alone that weighting was 0.09 of every
+   method's NRMSE even fully sampled) over the whole image, after a least-squares real scale fit
+   (``fit_scale=True``: the pipeline normalises intensities, BART rescales, the simulator has its
+   own units; the fit is the same for all).
 4. Lesion-to-white-matter contrast ``C = (mean_lesion - mean_wm) / mean_wm`` of the magnitude
    (lesion: ``LESION > 0.5``; white matter: ``WM > 0.9`` outside lesions), when labels exist, and
    its relative error against ``C`` of the truth.
@@ -72,12 +76,24 @@ TUNABLE = {
 
 @dataclass
 class EvalSubject:
-    """A held-out subject: fully sampled scan, noiseless truth ``(S, H, W)``, optional label maps."""
+    """A held-out subject: fully sampled scan, noiseless truth ``(S, H, W)``, optional label maps.
+
+    ``coil_weight``: the simulator's ``||L^-1 S||`` (``data.acquire.prewhitened_coil_weight``);
+    :attr:`reference` is what the metrics compare with.
+    """
 
     name: str
     scan: KSpaceScan
     truth: np.ndarray
     labels: dict[str, np.ndarray] | None
+    coil_weight: np.ndarray | None = None
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The noiseless magnitude the prewhitened data determine: ``|truth| x coil_weight``
+        (``|truth|`` for subjects written before the weight was saved)."""
+        magnitude = np.abs(self.truth)
+        return magnitude if self.coil_weight is None else magnitude * self.coil_weight
 
 
 @dataclass
@@ -145,6 +161,9 @@ def load_subject(directory: str | Path, *, slices: int | None = None) -> EvalSub
     image_shape = (scan.kspace.shape[0], *scan.kspace.shape[-2:])
     if truth.shape != image_shape:
         raise ValueError(f"{d}: truth {truth.shape} does not match the scan's images {image_shape}")
+    weight = np.load(d / "coil_weight.npy") if (d / "coil_weight.npy").is_file() else None
+    if weight is not None and weight.shape != truth.shape:
+        raise ValueError(f"{d}: coil_weight {weight.shape} does not match the truth {truth.shape}")
     labels = None
     if (d / "labels.npz").is_file():
         with np.load(d / "labels.npz") as z:
@@ -158,7 +177,7 @@ def load_subject(directory: str | Path, *, slices: int | None = None) -> EvalSub
     )
     if labels is not None:
         labels = {k: v[keep] for k, v in labels.items()}
-    return EvalSubject(d.name, scan, truth[keep], labels)
+    return EvalSubject(d.name, scan, truth[keep], labels, None if weight is None else weight[keep])
 
 
 def undersample(full: KSpaceScan, acceleration: int) -> KSpaceScan:
@@ -208,7 +227,7 @@ def _prewhitened_kspace(scan: KSpaceScan) -> np.ndarray:
 def _score(
     subject: EvalSubject, accel: int, method: str, image: np.ndarray, seconds: float, nfe: int | None
 ) -> MethodResult:
-    truth = np.abs(subject.truth)
+    truth = subject.reference
     fitted = image * _fit(image, truth)
     return MethodResult(
         subject=subject.name,
@@ -287,7 +306,7 @@ def run_evaluation(
                 images[BART_METHOD] = image
                 results.append(_score(subject, accel, BART_METHOD, image, time.perf_counter() - t0, None))
             if index == 0:
-                montages[accel] = {"truth": np.abs(subject.truth), **images}
+                montages[accel] = {"truth": subject.reference, **images}
     summary = summarise(results)
     doc: dict[str, object] = {
         "data": str(data_dir),
@@ -413,7 +432,7 @@ def tune_weights(
                     volume = reconstruct_all(undersample(subject.scan, accel), method=method, device=device)[
                         0
                     ]
-                    values.append(metrics.nrmse(volume.magnitude, np.abs(subject.truth), fit_scale=True))
+                    values.append(metrics.nrmse(volume.magnitude, subject.reference, fit_scale=True))
                 scores[f"{w:g}"] = statistics.fmean(values)
                 log.info("tune %s R=%d %s=%g: NRMSE %.4f", method, accel, name, w, scores[f"{w:g}"])
             grid[str(accel)] = scores

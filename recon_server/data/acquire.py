@@ -124,6 +124,7 @@ class SimulatedSubject:
     sequence: cmod.Sequence
     labels: dict[str, np.ndarray]
     metadata: dict[str, object] = field(default_factory=dict)
+    coil_weight: np.ndarray | None = None
 
 
 def _streams(seed: int, index: int) -> dict[str, np.random.Generator]:
@@ -214,6 +215,20 @@ def coil_sensitivities(
     rss = torch.view_as_real(maps).square().sum(dim=(1, -1), keepdim=False).sqrt().clamp_min(1e-12)
     maps = maps / rss[:, None]
     return maps.numpy()
+
+
+def prewhitened_coil_weight(maps: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """``||L^-1 S(r)||`` per pixel ``(slices, ny, nx)`` float32, median 1 where the coils see.
+
+    After prewhitening (noise covariance ``sigma^2 L L^H``) the coil images are ``L^-1 S m``, so a
+    coil combination with unit-norm estimated maps returns ``m ||L^-1 S||``, not the object ``m``:
+    a smooth intensity weighting (+-15 % with the simulator's per-coil noise gains) that no
+    reconstruction can undo from the data. ``|truth| x this`` is the noiseless image the data
+    determine, the reference the evaluation compares with (``recon_server.evaluate``).
+    """
+    whitened = np.einsum("ij,sjyx->siyx", np.linalg.inv(mix), maps)
+    weight = np.sqrt((np.abs(whitened) ** 2).sum(axis=1))
+    return (weight / max(float(np.median(weight[weight > 0])), 1e-12)).astype(np.float32)
 
 
 def noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
@@ -353,6 +368,7 @@ def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> Simu
     kspace += sigma * torch.einsum("ij,sjyx->siyx", mix, white)
     noise_white = _complex_noise(rng["noise"], (config.coils, NOISE_ACQUISITIONS * nx_os))
     noise = (sigma * (mix @ noise_white)).numpy()
+    coil_weight = prewhitened_coil_weight(maps, mix.numpy())
 
     cf = config.center_fraction
     if cf is None:
@@ -401,6 +417,7 @@ def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> Simu
         sequence=seq,
         labels=labels,
         metadata=metadata,
+        coil_weight=coil_weight,
     )
 
 
@@ -634,7 +651,8 @@ def write_subject(
     *,
     files: tuple[str, ...] | list[str] = DEFAULT_SUBJECT_FILES,
 ) -> dict[str, Path]:
-    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy``, ``labels.npz``
+    """Write ``raw.h5`` (undersampled), ``reference.h5`` (fully sampled), ``truth.npy`` (with
+    ``coil_weight.npy``, :func:`prewhitened_coil_weight`), ``labels.npz``
     (tissue fractions and ``LESION``, float32 ``(slices, ny, nx)`` each; for evaluation) (those named
     in ``files``) and always ``subject.json`` into ``directory`` (created; files replaced)."""
     unknown = set(files) - set(SUBJECT_FILES)
@@ -653,6 +671,9 @@ def write_subject(
     if "truth" in files:
         paths["truth"] = out / "truth.npy"
         np.save(paths["truth"], subject.truth)
+        if subject.coil_weight is not None:
+            paths["coil_weight"] = out / "coil_weight.npy"
+            np.save(paths["coil_weight"], subject.coil_weight)
     if "labels" in files:
         paths["labels"] = out / "labels.npz"
         arrays: dict[str, Any] = {k: v.astype(np.float32) for k, v in subject.labels.items()}

@@ -138,7 +138,7 @@ def test_files_are_byte_identical_for_a_seed(tmp_path: Path, small_config: acqui
         paths = acquire.write_subject(subject, tmp_path / f"run{run}")
         digests.append({name: _digest(p) for name, p in paths.items()})
     assert digests[0] == digests[1]
-    assert set(digests[0]) == {"raw", "reference", "truth", "subject"}
+    assert set(digests[0]) == {"raw", "reference", "truth", "coil_weight", "subject"}
 
 
 def test_oblique_tilt_rotates_phase_and_slice_directions(small_config: acquire.SimulationConfig) -> None:
@@ -148,3 +148,24 @@ def test_oblique_tilt_rotates_phase_and_slice_directions(small_config: acquire.S
     g = tilted.geometry[0]
     assert np.isclose(np.dot(g.phase_dir, g.slice_dir), 0.0, atol=1e-9)
     assert np.isclose(np.degrees(np.arccos(g.slice_dir[2])), 15.0)
+
+
+def test_coil_weight_is_what_prewhitened_coil_combination_returns(
+    small_config: acquire.SimulationConfig,
+) -> None:
+    # After prewhitening, unit-norm maps estimated from the data combine to m ||L^-1 S||: the
+    # evaluation's reference. Check it against the whitened noiseless coil images directly.
+    subject = acquire.simulate_subject(small_config, seed=21, index=4)
+    weight = subject.coil_weight
+    assert weight is not None and weight.shape == subject.truth.shape
+    rng = np.random.default_rng([21, 4, 7])  # the noise stream of acquire._streams
+    rng.uniform(30.0, 40.0) if small_config.snr is None else None
+    mix = acquire.noise_mixing(small_config.coils, rng)
+    coil_images = np.linalg.inv(mix) @ (subject.maps * subject.truth[:, None]).reshape(
+        subject.maps.shape[0], small_config.coils, -1
+    )
+    combined = np.sqrt((np.abs(coil_images) ** 2).sum(axis=1)).reshape(subject.truth.shape)
+    seen = np.abs(subject.truth) > 0.05 * np.abs(subject.truth).max()
+    ratio = combined[seen] / (np.abs(subject.truth)[seen] * weight[seen])
+    np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-4)
+    assert 0.05 < float(weight[seen].std()) < 0.3  # a real, smooth weighting of the order of the coil gains
