@@ -4,7 +4,8 @@ For each acceleration R, every combination of the ``--grid`` settings of ``dps-f
 start sigma, steps, the noise-calibrated data weight lambda, eta) is run on the same prepared
 problems (the service's own steps: retrospective fastMRI undersampling, prewhitening with the
 noise scan, ESPIRiT maps; ``recon_server.pipeline``), next to CG-SENSE and L1-wavelet, and scored
-by NRMSE of the magnitude against the noiseless reference (``EvalSubject.reference``; scale fit, whole image; the
+by NRMSE of the magnitude against the noiseless reference (``EvalSubject.reference``; scale fit,
+whole image; the
 evaluation protocol of ``recon_server.evaluate``); ``--tolerance`` keeps the fastest setting whose
 NRMSE is within that fraction of the best. ``--write`` stores the chosen settings per R in
 the model card (``sampler_defaults.dps_fast``), with the grid, so the service runs them.
