@@ -89,7 +89,7 @@ def prepare(path: Path, accel: int, slices: int, contrast: str | None) -> Case:
         kspace=kspace,
         maps=maps,
         mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)),
-        acceleration=float(accel),
+        acceleration=scan.acceleration,  # the effective rate, as the service's assembler reports it
         contrast=contrast or scan.contrast,
         noise_sigma=1.0,
     )
@@ -162,7 +162,10 @@ def main() -> int:
         best_nrmse = min(r[1] for r in results)
         near = [r for r in results if r[1] <= (1 + args.tolerance) * best_nrmse]
         settings, nrmse, _ = min(near, key=lambda r: r[2])  # the fastest of the (near-)best
-        best_per_r[str(accel)] = {**settings, "nrmse": round(nrmse, 5)}
+        # Keyed by the effective acceleration (lines / measured lines, ACS included): the number
+        # the service looks the schedule up by (recon.methods.nearest_acceleration).
+        effective = statistics.fmean(c.problem.acceleration for c in cases)
+        best_per_r[f"{effective:.2f}"] = {**settings, "nrmse": round(nrmse, 5), "nominal_r": accel}
         report["grid"][str(accel)] = [  # type: ignore[index]
             {**s, "nrmse": round(n, 5), "s_per_slice": round(t, 3)} for s, n, t in results
         ]
@@ -173,8 +176,9 @@ def main() -> int:
     if args.write:
         defaults = dict(read_card(args.model).sampler_defaults)
         section = dict(defaults.get(SECTION, {}))
+        keep = ("nrmse", "nominal_r")
         section["per_acceleration"] = {
-            r: {k: v for k, v in b.items() if k != "nrmse"} for r, b in best_per_r.items()
+            r: {k: v for k, v in b.items() if k not in keep} for r, b in best_per_r.items()
         }
         section["tuned"] = True
         section["tuning"] = {

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from recon_server import metrics
-from recon_server.data.masks import default_center_fraction, equispaced_mask, mask_2d
+from recon_server.data.masks import acceleration_of, default_center_fraction, equispaced_mask, mask_2d
 from recon_server.scan import KSpaceScan
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def undersample(full: KSpaceScan, acceleration: int) -> KSpaceScan:
         mask=mask,
         acs=acs,
         calibration=np.ascontiguousarray(full.kspace[..., acs[0] : acs[1], :]),
-        acceleration=float(acceleration),
+        acceleration=acceleration_of(lines),  # effective (ACS included), as the assembler reports it
     )
 
 

@@ -188,10 +188,14 @@ def test_scanner_flags_every_method_within_two_percent_of_all_imaging(
 def test_every_measured_line_improves_on_the_imaging_grid(
     corpus_files: dict[str, Path], truth: tuple[np.ndarray, np.ndarray], diffusion_settings: None
 ) -> None:
-    """The calibration-only lines are measurements: leaving them out (the option) costs accuracy."""
+    """The calibration-only lines are measurements: leaving them out (the option) costs accuracy.
+
+    Linear and convex methods (the data's use, not a prior's): the shipped diffusion prior learnt
+    0.94 mm pixels, this corpus has 2.5 mm, where its NRMSE says little about the data.
+    """
     every = _scan(corpus_files["embedded-scanner-flags"])
     grid = _scan(corpus_files["embedded-scanner-flags"], calibration_lines="calibration")
-    for method in ("zero-filled", "cg-sense", "dps-fast"):
+    for method in ("zero-filled", "cg-sense", "l1-wavelet"):
         with_all = _error(pipeline.reconstruct(every, method=method).magnitude, truth)
         imaging_only = _error(pipeline.reconstruct(grid, method=method).magnitude, truth)
         assert with_all < imaging_only, (method, with_all, imaging_only)
