@@ -46,6 +46,7 @@ def test_simulate_then_prepare_data_cli(tmp_path: Path) -> None:
     common = ["--matrix", "64", "--coils", "4", "--slices", "2", "--seed", "1", "--center-fraction", "0.2"]
     assert cli_main(["simulate", "--out", str(sim), "--subjects", "2", "--contrast", "T1POST", *common]) == 0
     assert sorted(p.name for p in (sim / "sub-001").iterdir()) == [
+        "coil_weight.npy",
         "raw.h5",
         "reference.h5",
         "subject.json",

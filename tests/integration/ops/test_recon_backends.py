@@ -32,10 +32,13 @@ def _tiny_checkpoint(out: Path) -> Path:
 def _recon(raw: Path, out: Path, model_dir: Path, backend: str, onnx: Path | None) -> np.ndarray:
     argv = ["recon", str(raw), "--out", str(out), "--method", "dps-fast", "--model-dir", str(model_dir)]
     argv += ["--backend", backend] + (["--onnx-file", str(onnx)] if onnx is not None else [])
+    # The equivalence is about fp32 arithmetic: the torch side would otherwise pick bf16 where the
+    # CPU runs it faster (DiffusionSettings.cpu_precision "auto").
+    configure_diffusion(cpu_precision="fp32")
     try:
         assert main(argv) == 0
-    finally:
-        configure_diffusion(model_dir=None, denoiser=None)  # process-wide settings: leave them clean
+    finally:  # process-wide settings: leave them clean
+        configure_diffusion(model_dir=None, denoiser=None, cpu_precision="auto")
     return np.load(out / "images.npy")
 
 
