@@ -35,7 +35,7 @@ from recon_server.dpm.train import VAL_SIGMAS, validate
 from recon_server.dpm.trainset import Subset, open_training_set
 from recon_server.dpm.unet import normalise_contrast
 from recon_server.machine import describe as describe_machine
-from recon_server.recon.classic import wavelet_forward, wavelet_inverse
+from recon_server.recon.classic import soft_threshold, wavelet_forward, wavelet_inverse
 
 THRESHOLDS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # x sigma, swept per sigma (oracle)
 
@@ -53,7 +53,7 @@ class WaveletDenoiser(nn.Module):
         z = torch.complex(x[:, 0], x[:, 1])
         approx, details = wavelet_forward(z, wavelet="db4", levels=4)
         t = (self.factor * sigma).reshape(-1, 1, 1, 1)
-        shrunk = [d * (1 - t / d.abs().clamp_min(1e-12)).clamp_min(0) for d in details]
+        shrunk = [soft_threshold(d, t) for d in details]
         out = wavelet_inverse(approx, shrunk, wavelet="db4")
         return torch.stack([out.real, out.imag], dim=1)
 

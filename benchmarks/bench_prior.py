@@ -32,7 +32,7 @@ from tune_sampler import Case, prepare
 
 from recon_server import metrics
 from recon_server.bart import bart_binary, pics
-from recon_server.evaluate import find_subjects, lesion_contrast
+from recon_server.evaluate import find_subjects, lesion_contrast, scale_fit
 from recon_server.machine import describe as describe_machine
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
@@ -53,7 +53,7 @@ def colin_cases(count: int, accel: int, coils: int = 12) -> list[Case]:
 
 
 def scores(image: np.ndarray, case: Case) -> dict[str, float]:
-    fit = float(np.sum(image * case.truth) / max(np.sum(image.astype(np.float64) ** 2), 1e-30))
+    fit = scale_fit(image, case.truth)
     out = {
         "nrmse": metrics.nrmse(image, case.truth, fit_scale=True),
         "psnr": metrics.psnr(image, case.truth, fit_scale=True),

@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,8 @@ from recon_server import metrics
 from recon_server.dpm.checkpoint import read_card, update_card_sampler_defaults
 from recon_server.evaluate import find_subjects, load_subject, undersample
 from recon_server.machine import describe as describe_machine
-from recon_server.pipeline import coil_maps
-from recon_server.recon import noise
-from recon_server.recon.methods import DIFFUSION, ReconProblem, configure_diffusion, run_method
+from recon_server.pipeline import coil_maps, prewhitened, recon_problem
+from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
 
 SECTION = "dps_fast"
 KEYS = {
@@ -79,20 +78,13 @@ def parse_grid(text: str) -> dict[str, list[object]]:
 def prepare(path: Path, accel: int, slices: int, contrast: str | None) -> Case:
     subject = load_subject(path, slices=slices)
     scan = undersample(subject.scan, accel)
-    kspace = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64))
-    calib = torch.from_numpy(np.ascontiguousarray(scan.calibration, dtype=np.complex64))
-    assert scan.noise is not None, "the validation subjects carry a noise scan"
-    w = noise.whitening_matrix(torch.from_numpy(np.ascontiguousarray(scan.noise, dtype=np.complex64)))
-    kspace, calib = noise.prewhiten(kspace, w), noise.prewhiten(calib, w)
+    # The service's own steps: prewhitening with the noise scan, coil maps, the methods' input
+    # (its acceleration is the effective rate, as the assembler reports it).
+    kspace, calib, whitened = prewhitened(scan, "cpu")
+    assert whitened, "the validation subjects carry a noise scan"
     maps, _ = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
-    problem = ReconProblem(
-        kspace=kspace,
-        maps=maps,
-        mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)),
-        acceleration=scan.acceleration,  # the effective rate, as the service's assembler reports it
-        contrast=contrast or scan.contrast,
-        noise_sigma=1.0,
-    )
+    labelled = replace(scan, contrast=contrast or scan.contrast)
+    problem = recon_problem(labelled, kspace, maps, whitened=True)
     rows = scan.acs[1] - scan.acs[0]
     return Case(f"{path.name} R={accel}", problem, subject.reference, subject.labels, rows)
 
@@ -194,7 +186,6 @@ def main() -> int:
         defaults[SECTION] = section
         update_card_sampler_defaults(args.model, defaults)
         print(f"wrote the best settings per R into {args.model}/card.json")
-    _ = DIFFUSION
     return 0
 
 

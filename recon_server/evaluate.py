@@ -41,7 +41,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from recon_server import metrics
 from recon_server.data.masks import acceleration_of, default_center_fraction, equispaced_mask, mask_2d
@@ -214,21 +213,11 @@ def lesion_contrast(magnitude: np.ndarray, labels: dict[str, np.ndarray] | None)
     return (float(mag[lesion].mean()) - mean_wm) / mean_wm if mean_wm > 0 else None
 
 
-def _prewhitened_kspace(scan: KSpaceScan) -> np.ndarray:
-    from recon_server.recon import noise
-
-    k = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64))
-    if scan.noise is not None and scan.noise.shape[-1] > scan.noise.shape[0]:
-        w = noise.whitening_matrix(torch.from_numpy(np.ascontiguousarray(scan.noise, dtype=np.complex64)))
-        k = noise.prewhiten(k, w)
-    return k.numpy()
-
-
 def _score(
     subject: EvalSubject, accel: int, method: str, image: np.ndarray, seconds: float, nfe: int | None
 ) -> MethodResult:
     truth = subject.reference
-    fitted = image * _fit(image, truth)
+    fitted = image * scale_fit(image, truth)
     return MethodResult(
         subject=subject.name,
         acceleration=accel,
@@ -243,7 +232,8 @@ def _score(
     )
 
 
-def _fit(image: np.ndarray, truth: np.ndarray) -> float:
+def scale_fit(image: np.ndarray, truth: np.ndarray) -> float:
+    """The least-squares real scale ``a`` minimising ``||a image - truth||`` (1 for an empty image)."""
     den = float(np.sum(image.astype(np.float64) ** 2))
     return float(np.sum(image * truth)) / den if den > 0 else 1.0
 
@@ -263,7 +253,7 @@ def run_evaluation(
 
     Returns the JSON document written to ``out_dir/results.json``.
     """
-    from recon_server.pipeline import reconstruct_all
+    from recon_server.pipeline import prewhitened, reconstruct_all
     from recon_server.recon.methods import get_method
 
     for m in methods:
@@ -302,7 +292,7 @@ def run_evaluation(
             if bart:
                 t0 = time.perf_counter()
                 rows = scan.acs[1] - scan.acs[0]
-                image = np.abs(pics(_prewhitened_kspace(scan), calibration_rows=rows))
+                image = np.abs(pics(prewhitened(scan, "cpu")[0].numpy(), calibration_rows=rows))
                 images[BART_METHOD] = image
                 results.append(_score(subject, accel, BART_METHOD, image, time.perf_counter() - t0, None))
             if index == 0:
@@ -378,7 +368,7 @@ def montage(images: dict[str, np.ndarray], path: Path) -> Path:
     truth = images["truth"]
     mid = truth.shape[0] // 2
     t = truth[mid]
-    tiles = [t] + [img[mid] * _fit(img[mid], t) for name, img in images.items() if name != "truth"]
+    tiles = [t] + [img[mid] * scale_fit(img[mid], t) for name, img in images.items() if name != "truth"]
     errors = [t] + [ERROR_GAIN * np.abs(tile - t) for tile in tiles[1:]]
     top = magnitude_grid(np.stack(tiles), columns=len(tiles), scale="shared")
     bottom = magnitude_grid(np.stack(errors), columns=len(tiles), scale="shared")

@@ -242,6 +242,33 @@ def reconstruct_all(
     return [mark_fallback(volume, method=method, reason=reason) for volume in volumes]
 
 
+def prewhitened(scan: KSpaceScan, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(k-space, calibration rows, whitened)``: complex64 tensors on ``device``, prewhitened with
+    the scan's noise measurement when it has one (more samples than coils)."""
+    kspace = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64)).to(device)
+    calib = torch.from_numpy(np.ascontiguousarray(_calibration(scan), dtype=np.complex64)).to(device)
+    if scan.noise is None or scan.noise.shape[-1] <= scan.noise.shape[0]:
+        return kspace, calib, False
+    w = noise.whitening_matrix(
+        torch.from_numpy(np.ascontiguousarray(scan.noise, dtype=np.complex64)).to(device)
+    )
+    return noise.prewhiten(kspace, w), noise.prewhiten(calib, w), True
+
+
+def recon_problem(
+    scan: KSpaceScan, kspace: torch.Tensor, maps: torch.Tensor, *, whitened: bool
+) -> ReconProblem:
+    """The methods' input for ``scan`` from its (prewhitened) k-space and coil maps."""
+    return ReconProblem(
+        kspace=kspace,
+        maps=maps,
+        mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)).to(kspace.device),
+        acceleration=float(scan.acceleration),
+        contrast=scan.contrast,
+        noise_sigma=1.0 if whitened else None,  # whitened: unit noise
+    )
+
+
 def _reconstruct_all(
     scan: KSpaceScan, *, method: str, device: str | torch.device, samples: int | None
 ) -> list[ImageVolume]:
@@ -249,15 +276,9 @@ def _reconstruct_all(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {dev} requested but CUDA is not available on this host")
     t0 = time.perf_counter()
-    kspace = torch.from_numpy(np.ascontiguousarray(scan.kspace, dtype=np.complex64)).to(dev)
-    calib = torch.from_numpy(np.ascontiguousarray(_calibration(scan), dtype=np.complex64)).to(dev)
+    kspace, calib, whitened = prewhitened(scan, dev)
     settings: dict[str, object] = {"acceleration": float(scan.acceleration), "acs": list(scan.acs)}
-    if scan.noise is not None and scan.noise.shape[-1] > scan.noise.shape[0]:
-        w = noise.whitening_matrix(
-            torch.from_numpy(np.ascontiguousarray(scan.noise, dtype=np.complex64)).to(dev)
-        )
-        kspace = noise.prewhiten(kspace, w)
-        calib = noise.prewhiten(calib, w)
+    if whitened:
         settings["prewhitened"] = True
     t1 = time.perf_counter()
     if calib.shape[-2] == 0:  # no ACS lines and no fully sampled centre (KSpaceScan.acs == (0, 0))
@@ -273,15 +294,7 @@ def _reconstruct_all(
         maps, maps_name = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
         settings["coil_maps"] = maps_name
         t2 = time.perf_counter()
-        problem = ReconProblem(
-            kspace=kspace,
-            maps=maps,
-            mask=torch.from_numpy(np.asarray(scan.mask, dtype=bool)).to(dev),
-            acceleration=float(scan.acceleration),
-            contrast=scan.contrast,
-            noise_sigma=1.0 if settings.get("prewhitened") else None,  # whitened: unit noise
-        )
-        out = run_method(method, problem, samples=samples)
+        out = run_method(method, recon_problem(scan, kspace, maps, whitened=whitened), samples=samples)
     t3 = time.perf_counter()
     settings.update(out.settings)
     magnitude = out.image.abs().to(torch.float32).cpu().numpy()

@@ -313,7 +313,7 @@ class SubjectTruth:
 def render_subject(config: SimulationConfig, *, seed: int, index: int) -> SubjectTruth:
     """Anatomy, contrast, lesions and the complex truth ``(slices, ny, nx)`` of one subject.
 
-    No coils and no noise: this is what the prior trains on (:mod:`recon_server.data.truthset`)
+    No coils and no noise: this is what the prior trains on (:mod:`recon_server.dpm.truthset`)
     and what :func:`simulate_subject` acquires.
     """
     rng = _streams(seed, index)

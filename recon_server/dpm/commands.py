@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from recon_server import options
+from recon_server.dpm.precision import CPU_PRECISIONS
 from recon_server.dpm.unet import MODEL_SIZES
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     )
     p.add_argument(
         "--cpu-precision",
-        choices=["auto", "fp32", "bf16", "fp32-cl", "bf16-cl"],
+        choices=CPU_PRECISIONS,
         default="auto",
         help="CPU arithmetic (-cl: channels_last); auto times each on the machine and keeps the fastest",
     )

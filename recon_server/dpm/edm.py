@@ -148,12 +148,3 @@ def edm_sigmas(
     if append_zero:
         s = torch.cat([s, torch.zeros(1, dtype=torch.float64)])
     return s
-
-
-def positional_embedding(x: torch.Tensor, channels: int, max_positions: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(x f_k), sin(x f_k)]``, ``f_k = max_positions^(-k/(K-1))`` (B, C)."""
-    half = channels // 2
-    k = torch.arange(half, dtype=torch.float32, device=x.device) / max(half - 1, 1)
-    freqs = (1.0 / max_positions) ** k
-    arg = x.float()[:, None] * freqs[None, :]
-    return torch.cat([arg.cos(), arg.sin()], dim=1)

@@ -8,9 +8,7 @@ bias-free denoisers generalise across noise levels). Per level ``num_blocks`` re
     h = x + conv3x3(relu(conv3x3(x)) * (1 + scale(emb)))
 
 where ``emb`` is the same noise + contrast embedding as the GroupNorm U-Net's
-(:class:`recon_server.dpm.unet.UNet`): the sinusoidal embedding of ``c_noise`` through an MLP,
-plus the one-hot contrast slot through ``label_net`` (the layer that grows a column when
-fine-tuning adds a contrast). The modulation is a per-channel gain only, so every convolution
+(:mod:`recon_server.dpm.conditioning`). The modulation is a per-channel gain only, so every convolution
 stays bias-free. Widths are ``base_channels * channel_mults[l]``; the EDM preconditioning around
 it lives in :class:`recon_server.dpm.unet.EDMDenoiser`.
 """
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon_server.dpm.edm import positional_embedding
+from recon_server.dpm.conditioning import ConditionedBackbone
 
 if TYPE_CHECKING:
     from recon_server.dpm.unet import UNetConfig
@@ -45,22 +43,13 @@ class ModulatedBlock(nn.Module):
         return x + self.conv2(F.relu(self.conv1(x)) * gain)
 
 
-class ResUNet(nn.Module):
+class ResUNet(ConditionedBackbone):
     """Backbone ``F(x_in, c_noise, onehot)`` -> same shape as ``x_in`` (sizes multiple of 2^(L-1))."""
 
     def __init__(self, config: UNetConfig, *, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.config = config
-        c = config
-        emb_dim = c.emb_mult * c.base_channels
+        super().__init__(config)
+        c, emb_dim = config, self.emb_dim
         widths = [c.base_channels * m for m in c.channel_mults]
-        self.noise_mlp = nn.Sequential(
-            nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
-        # label_net[0] is the layer that grows a column when a contrast slot is added.
-        self.label_net = nn.Sequential(
-            nn.Linear(c.num_slots, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
         self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1, bias=False)
         self.enc = nn.ModuleList(
             nn.ModuleList(ModulatedBlock(w, emb_dim) for _ in range(c.num_blocks)) for w in widths
@@ -90,12 +79,6 @@ class ResUNet(nn.Module):
                 m.conv2.weight.mul_(INIT_ZERO_SCALE)
                 m.scale.weight.zero_()
         self.conv_out.weight.mul_(INIT_ZERO_SCALE)
-
-    def embedding(self, c_noise: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """Per-sample conditioning ``silu(noise_mlp(pos(c_noise)) + label_net(gain onehot))``."""
-        gain = float(self.config.label_gain or 1.0)
-        pos = positional_embedding(c_noise, self.config.base_channels)
-        return F.silu(self.noise_mlp(pos) + self.label_net(onehot.float() * gain))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         emb = self.embedding(c_noise, onehot)

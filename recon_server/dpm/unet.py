@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recon_server.dpm.edm import SIGMA_DATA, positional_embedding, precond_coefficients
+from recon_server.dpm.conditioning import ConditionedBackbone
+from recon_server.dpm.edm import SIGMA_DATA, precond_coefficients
 from recon_server.dpm.resunet import ResUNet
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -211,21 +212,12 @@ class ResBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(ConditionedBackbone):
     """Backbone ``F(x_in, c_noise, onehot)`` -> same shape as ``x_in`` (sizes multiple of 2^(L-1))."""
 
     def __init__(self, config: UNetConfig, *, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.config = config
-        c = config
-        emb_dim = c.emb_mult * c.base_channels
-        self.noise_mlp = nn.Sequential(
-            nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
-        # label_net[0] is the layer that grows a column when a contrast slot is added.
-        self.label_net = nn.Sequential(
-            nn.Linear(c.num_slots, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        super().__init__(config)
+        c, emb_dim = config, self.emb_dim
         block: dict[str, Any] = dict(
             emb_dim=emb_dim, dropout=c.dropout, channels_per_head=c.channels_per_head
         )
@@ -268,14 +260,8 @@ class UNet(nn.Module):
             assert isinstance(m, nn.Conv2d)
             m.weight.mul_(INIT_ZERO_SCALE)
 
-    def embedding(self, c_noise: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """Per-sample block conditioning ``silu(noise_mlp(pos(c_noise)) + label_net(gain onehot))``."""
-        gain = float(self.config.label_gain or 1.0)
-        pos = positional_embedding(c_noise, self.config.base_channels)
-        return F.silu(self.noise_mlp(pos) + self.label_net(onehot * gain))
-
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        emb = self.embedding(c_noise, onehot.to(x.dtype))
+        emb = self.embedding(c_noise, onehot)
         h = self.conv_in(x)
         skips = [h]
         for blk in self.enc:

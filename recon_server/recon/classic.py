@@ -313,7 +313,7 @@ def wavelet_inverse(approximation: Tensor, details: list[Tensor], *, wavelet: st
     return _from_planes(a, lead, is_complex)[..., 0, :, :]
 
 
-def _soft(x: Tensor, thresh: float | Tensor) -> Tensor:
+def soft_threshold(x: Tensor, thresh: float | Tensor) -> Tensor:
     """Complex soft thresholding: shrink the magnitude by ``thresh``, keep the phase."""
     mag = x.abs()
     return x * (mag - thresh).clamp_min(0) / mag.clamp_min(torch.finfo(mag.dtype).tiny)
@@ -390,7 +390,7 @@ def l1_wavelet(
         )
         v = torch.roll(v, shifts=shift, dims=(-2, -1))
         a, details = wavelet_forward(v, wavelet=wavelet, levels=levels)
-        out = wavelet_inverse(a, [_soft(d, threshold) for d in details], wavelet=wavelet)
+        out = wavelet_inverse(a, [soft_threshold(d, threshold) for d in details], wavelet=wavelet)
         return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(-2, -1))
 
     # Pixels where every coil map is zero (ESPIRiT crop) are in the null space of A: keep them at

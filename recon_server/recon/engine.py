@@ -247,7 +247,10 @@ def load_model(model_dir: str | os.PathLike[str], device: torch.device | str = "
 def network_precision(
     denoiser: Any, *, device: torch.device, amp: bool, cpu_precision: str
 ) -> tuple[bool, bool]:
-    """``(bf16 autocast, channels_last)`` for running ``denoiser`` (see :func:`bind_denoiser`)."""
+    """``(bf16 autocast, channels_last)`` for running ``denoiser``: bf16 on CUDA for torch modules
+    when ``amp``; on the CPU ``cpu_precision`` (``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``, or
+    ``auto``: the fastest, measured once per model by
+    :func:`recon_server.dpm.precision.inference_precision`) when ``amp``."""
     if not (amp and isinstance(denoiser, torch.nn.Module)):
         return False, False
     if device.type == "cuda":
@@ -261,13 +264,11 @@ def network_precision(
 
 
 def bind_denoiser(
-    denoiser: Any, contrast: str | int, *, device: torch.device, amp: bool, cpu_precision: str = "fp32"
+    denoiser: Any, contrast: str | int, *, device: torch.device, bf16: bool, channels_last: bool
 ) -> DenoiseFn:
-    """``denoise(x, sigma)`` for one contrast; bf16 autocast on CUDA for torch modules when ``amp``.
+    """``denoise(x, sigma)`` for one contrast, under bf16 autocast and in channels_last as given
+    (:func:`network_precision` decides both).
 
-    On the CPU, torch modules run in ``cpu_precision`` (``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``
-    or ``auto``: the fastest of them, measured once per model by
-    :func:`recon_server.dpm.precision.inference_precision`), when ``amp``.
     ``denoiser``: any object with ``__call__(x, sigma, labels)`` (torch or ONNX Runtime backend);
     a contrast name it lacks raises ValueError naming its slots (``contrast_index``).
     """
@@ -276,7 +277,6 @@ def bind_denoiser(
         if not contrast:
             raise ValueError("the scan's contrast is unknown; the diffusion methods need one")
         label = denoiser.contrast_index(contrast)
-    use_amp, channels_last = network_precision(denoiser, device=device, amp=amp, cpu_precision=cpu_precision)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         from recon_server.dpm.precision import set_memory_format
@@ -284,7 +284,7 @@ def bind_denoiser(
         set_memory_format(denoiser, channels_last=True)
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return denoiser(x.contiguous(memory_format=memory_format), sigma, label).float()
 
     return denoise
@@ -380,8 +380,8 @@ def reconstruct_volume(
         sigma_y = torch.full_like(scale, float(noise_sigma)) / scale
     elif spec.kind == "dds" and spec.data_weight > 0:
         sigma_y = noise_level(kspace, mask_t).to(dev) / scale
-    denoise = bind_denoiser(denoiser, contrast, device=dev, amp=amp, cpu_precision=cpu_precision)
-    bf16, _ = network_precision(denoiser, device=dev, amp=amp, cpu_precision=cpu_precision)
+    bf16, channels_last = network_precision(denoiser, device=dev, amp=amp, cpu_precision=cpu_precision)
+    denoise = bind_denoiser(denoiser, contrast, device=dev, bf16=bf16, channels_last=channels_last)
     n_slices = kspace.shape[0]
     items = [(k, s) for k in range(samples) for s in range(n_slices)]
 
