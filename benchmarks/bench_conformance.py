@@ -23,13 +23,12 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from recon_server import pipeline
-from recon_server.data import ismrmrd_io
 from recon_server.data.acquire import SimulationConfig, simulate_subject
 from recon_server.machine import describe as describe_machine
-from recon_server.metrics import nrmse
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.assemble import Assembler
-from recon_server.recon import methods
+from recon_server.recon import methods, pipeline
+from recon_server.research.quality import nrmse
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "dps", "dps-fast", "dps-warm")

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon_server.bart import bart_binary, pics
 from recon_server.data import acquire
-from recon_server.evaluate import undersample
 from recon_server.machine import describe as describe_machine
-from recon_server.pipeline import coil_maps
 from recon_server.recon import engine, methods, noise
 from recon_server.recon.classic import cg_sense
+from recon_server.recon.pipeline import coil_maps
+from recon_server.research.bart import bart_binary, pics
+from recon_server.research.evaluate import undersample
 
 VOLUME_SLICES = 32
 

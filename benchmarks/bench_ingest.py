@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from gadgetron.external import Connection
 
-from recon_server.data.ismrmrd_io import new_acquisition_headers
 from recon_server.machine import describe as describe_machine
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.ismrmrd_io import new_acquisition_headers
 
 HEADER = """<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
 <experimentalConditions><H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions>

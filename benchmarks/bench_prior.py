@@ -6,7 +6,7 @@ CG-SENSE and L1-wavelet (noise-calibrated weights), ``dps-fast`` with the settin
 card, and BART ``pics -S -R W:3:0:lambda`` on the same prewhitened k-space with its own
 ``ecalib -m1`` maps, for each lambda of ``--bart-lambdas``; BART's row is its best lambda per R
 (an oracle: chosen on the test subjects themselves, which ours never are). Metrics on the
-magnitude against the noiseless truth after a least-squares scale fit (``recon_server.evaluate``):
+magnitude against the noiseless truth after a least-squares scale fit (``recon_server.research.evaluate``):
 NRMSE, PSNR, SSIM, and the lesion-to-white-matter contrast error. Time per slice on this machine.
 
     cd benchmarks && ../.venv/bin/python bench_prior.py --data ../sim/TEST --model ../models/flair-stroke-demo
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from tune_sampler import Case, prepare
 
-from recon_server import metrics
-from recon_server.bart import bart_binary, pics
-from recon_server.evaluate import find_subjects, lesion_contrast, scale_fit
 from recon_server.machine import describe as describe_machine
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
+from recon_server.research import quality as metrics
+from recon_server.research.bart import bart_binary, pics
+from recon_server.research.evaluate import find_subjects, lesion_contrast, scale_fit
 
 
 def colin_cases(count: int, accel: int, coils: int = 12) -> list[Case]:

@@ -25,10 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon_server.bart import write_cfl
-from recon_server.data.masks import acs_region, equispaced_mask, mask_2d
 from recon_server.machine import describe as describe_machine
-from recon_server.metrics import nrmse, ssim
 from recon_server.recon.classic import (
     CG_SENSE_ITERS,
     L1_WAVELET_ITERS,
@@ -38,6 +35,9 @@ from recon_server.recon.classic import (
 )
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.fft import fft2c
+from recon_server.recon.masks import acs_region, equispaced_mask, mask_2d
+from recon_server.research.bart import write_cfl
+from recon_server.research.quality import nrmse, ssim
 
 # Fixed weights of the speed table (the peers get the same problem); quality: the --tune sweep.
 CG_SENSE_LAMBDA = 3e-2

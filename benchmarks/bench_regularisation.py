@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from recon_server.bart import read_cfl, write_cfl
 from recon_server.machine import describe as describe_machine
-from recon_server.metrics import nrmse
 from recon_server.recon.classic import cg_sense, l1_wavelet
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.fft import fft2c
+from recon_server.research.bart import read_cfl, write_cfl
+from recon_server.research.quality import nrmse
 
 COLIN_BETTER = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 TYPICAL_SNR = 40.0

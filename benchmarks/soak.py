@@ -2,7 +2,7 @@
 
     cd benchmarks && ../.venv/bin/python soak.py --streams 10000 --valid-every 50
 
-The hostile streams are :class:`recon_server.mrd.fuzz.Mutator`'s (random bytes, truncations,
+The hostile streams are :class:`recon_server.service.fuzz.Mutator`'s (random bytes, truncations,
 bit flips, hostile header fields and indices, huge lengths, bad XML, NaN, unknown ids, bad order,
 hostile JSON, hostile measurement ids), sent by ``--clients`` parallel clients to
 ``recon-server serve`` (zero-filled, failed scans kept). The table gives the command, the
@@ -29,7 +29,8 @@ from typing import IO
 import numpy as np
 
 from recon_server.machine import describe
-from recon_server.mrd import fuzz, wire
+from recon_server.mrd import wire
+from recon_server.service import fuzz
 
 KEPT = "raw data kept on the server as "
 

@@ -3,10 +3,10 @@
 For each acceleration R, every combination of the ``--grid`` settings of ``dps-fast`` (e.g. warm
 start sigma, steps, the noise-calibrated data weight lambda, eta) is run on the same prepared
 problems (the service's own steps: retrospective fastMRI undersampling, prewhitening with the
-noise scan, ESPIRiT maps; ``recon_server.pipeline``), next to CG-SENSE and L1-wavelet, and scored
+noise scan, ESPIRiT maps; ``recon_server.recon.pipeline``), next to CG-SENSE and L1-wavelet, and scored
 by NRMSE of the magnitude against the noiseless reference (``EvalSubject.reference``; scale fit,
 whole image; the
-evaluation protocol of ``recon_server.evaluate``); ``--tolerance`` keeps the fastest setting whose
+evaluation protocol of ``recon_server.research.evaluate``); ``--tolerance`` keeps the fastest setting whose
 NRMSE is within that fraction of the best. ``--write`` stores the chosen settings per R in
 the model card (``sampler_defaults.dps_fast``), with the grid, so the service runs them.
 
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon_server import metrics
 from recon_server.dpm.checkpoint import read_card, update_card_sampler_defaults
-from recon_server.evaluate import find_subjects, load_subject, undersample
 from recon_server.machine import describe as describe_machine
-from recon_server.pipeline import coil_maps, prewhitened, recon_problem
 from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
+from recon_server.recon.pipeline import coil_maps, prewhitened, recon_problem
+from recon_server.research import quality as metrics
+from recon_server.research.evaluate import find_subjects, load_subject, undersample
 
 SECTION = "dps_fast"
 KEYS = {

@@ -36,9 +36,9 @@ from xsdata.models.datatype import XmlDate, XmlTime
 
 from recon_server.data import contrast as cmod
 from recon_server.data import phantom
-from recon_server.data.ismrmrd_io import new_acquisition_headers, write_raw
-from recon_server.data.masks import default_center_fraction, equispaced_mask
+from recon_server.mrd.ismrmrd_io import new_acquisition_headers, write_raw
 from recon_server.recon.fft import fft2c
+from recon_server.recon.masks import default_center_fraction, equispaced_mask
 from recon_server.scan import SliceGeometry
 
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
@@ -224,7 +224,7 @@ def prewhitened_coil_weight(maps: np.ndarray, mix: np.ndarray) -> np.ndarray:
     coil combination with unit-norm estimated maps returns ``m ||L^-1 S||``, not the object ``m``:
     a smooth intensity weighting (+-15 % with the simulator's per-coil noise gains) that no
     reconstruction can undo from the data. ``|truth| x this`` is the noiseless image the data
-    determine, the reference the evaluation compares with (``recon_server.evaluate``).
+    determine, the reference the evaluation compares with (``recon_server.research.evaluate``).
     """
     whitened = np.einsum("ij,sjyx->siyx", np.linalg.inv(mix), maps)
     weight = np.sqrt((np.abs(whitened) ** 2).sum(axis=1))
@@ -313,7 +313,7 @@ class SubjectTruth:
 def render_subject(config: SimulationConfig, *, seed: int, index: int) -> SubjectTruth:
     """Anatomy, contrast, lesions and the complex truth ``(slices, ny, nx)`` of one subject.
 
-    No coils and no noise: this is what the prior trains on (:mod:`recon_server.dpm.truthset`)
+    No coils and no noise: this is what the prior trains on (:mod:`recon_server.training.truthset`)
     and what :func:`simulate_subject` acquires.
     """
     rng = _streams(seed, index)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from recon_server.data import fastmri
 from recon_server.data.contrast import CONTRASTS
-from recon_server.data.ismrmrd_io import read_raw
+from recon_server.mrd.ismrmrd_io import read_raw
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.fft import ifft2c
 

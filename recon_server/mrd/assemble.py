@@ -62,11 +62,11 @@ import ismrmrd
 import numpy as np
 from ismrmrd import xsd
 
-from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, field_reader
-from recon_server.data.masks import acceleration_of, acs_region, mask_2d
 from recon_server.mrd import reference, wire
 from recon_server.mrd.buffers import POOL
+from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, field_reader
 from recon_server.mrd.oversampling import StreamingCropper
+from recon_server.recon.masks import acceleration_of, acs_region, mask_2d
 from recon_server.scan import KSpaceScan, SliceGeometry
 
 log = logging.getLogger(__name__)

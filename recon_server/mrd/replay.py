@@ -1,7 +1,7 @@
 """Replay client: stream an ISMRMRD raw file to an MRD server and save the images it returns.
 
 Sends CONFIG_FILE (1), HEADER (3), an optional JSON TEXT (5) (``{"method": ...}``), every
-acquisition (bulk-read with :func:`recon_server.data.ismrmrd_io.read_raw`) and CLOSE, while a
+acquisition (bulk-read with :func:`recon_server.mrd.ismrmrd_io.read_raw`) and CLOSE, while a
 second thread reads the replies (IMAGE, TEXT, ERROR) until CLOSE, so an error the server
 reports mid-stream is not lost. Writes one float32 array per returned series,
 ``images_<series>.npy`` (``sd_<series>.npy`` for SD maps; images x rows x cols, in arrival
@@ -26,8 +26,7 @@ import ismrmrd
 import numpy as np
 from tqdm import tqdm
 
-from recon_server.data import ismrmrd_io
-from recon_server.mrd import wire
+from recon_server.mrd import ismrmrd_io, wire
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 from ismrmrd.hdf5 import waveform_header_dtype
 
-from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE, field_reader
+from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE, field_reader
 
 # Message ids.
 CONFIG_FILE = 1

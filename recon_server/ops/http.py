@@ -3,7 +3,7 @@
 Routes (GET only; anything else is 404/405):
 
 ``/healthz``  liveness: 200 ``ok`` while the process serves HTTP and every liveness check passes
-              (the listeners' accept loops run, :func:`recon_server.mrd.listener.liveness`),
+              (the listeners' accept loops run, :func:`recon_server.service.listener.liveness`),
               else 503 with the failing checks' details.
 ``/readyz``   readiness: 200 when every check passes, else 503; the body is JSON
               ``{"ready": bool, "checks": {name: {"ok": bool, "detail": str}}}``.
@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from recon_server.ops.metrics import REGISTRY, Registry
+from recon_server.ops.service_metrics import REGISTRY, Registry
 
 log = logging.getLogger(__name__)
 

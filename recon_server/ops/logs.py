@@ -8,7 +8,7 @@ attached to the root handlers by :func:`configure_logging`, copies it onto every
 
 Formats:
 
-``text``  ``2025-01-01 12:00:00,000 INFO recon_server.mrd.server [meas=MID_1 peer=10.0.0.5:4711]: msg``
+``text``  ``2025-01-01 12:00:00,000 INFO recon_server.service.server [meas=MID_1 peer=10.0.0.5:4711]: msg``
 ``json``  one object per line: ``{"time", "level", "logger", "message", "measurement_id",
           "peer", "thread"}`` (+ ``"exception"`` when there is a traceback)
 

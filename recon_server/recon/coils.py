@@ -43,7 +43,7 @@ def calibration_region(kspace: Tensor, acs: tuple[int, int], *, max_cols: int | 
     """Cut the centred calibration block ``(slices, coils, acs_rows, cols)`` out of k-space.
 
     ``acs = (start, stop)`` are the fully sampled phase-encode rows (stop exclusive, e.g. from
-    :func:`recon_server.data.masks.acs_region`). The readout is fully sampled, so any number of
+    :func:`recon_server.recon.masks.acs_region`). The readout is fully sampled, so any number of
     central columns may be used: ``max_cols`` of them (centred on ``kx // 2``); None picks
     ``max(24, acs_rows)`` (24 is BART/sigpy's default calibration width; a square-ish block when
     the ACS is taller), capped at ``kx``. Returns a copy.

@@ -303,8 +303,8 @@ def _line_mask(mask: Tensor | np.ndarray) -> np.ndarray:
 
 def volume_scale(kspace: Tensor, maps: Tensor, mask: Tensor | np.ndarray) -> Tensor:
     """Per-slice scale ``(S,)`` by the training rule (module docstring, step 2)."""
-    from recon_server.data.masks import acs_region
     from recon_server.data.slices import centre_acs, slice_scale
+    from recon_server.recon.masks import acs_region
 
     lines = _line_mask(mask)
     if lines.shape[0] != kspace.shape[-2]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recon_server import demo
+from recon_server.cli import demo
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

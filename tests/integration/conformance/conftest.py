@@ -11,10 +11,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from recon_server.config import ServiceConfig
 from recon_server.data.acquire import SimulatedSubject, SimulationConfig, simulate_subject
-from recon_server.mrd.server import StreamServer
 from recon_server.recon import methods
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 
 def _load_corpus() -> ModuleType:
@@ -71,7 +71,7 @@ def subject() -> SimulatedSubject:
 @pytest.fixture(scope="session")
 def truth(subject: SimulatedSubject) -> tuple[np.ndarray, np.ndarray]:
     """(the noiseless reference (slices, ny, nx), head mask): |truth| x the prewhitened coil
-    weighting, what the data determine (``recon_server.evaluate``)."""
+    weighting, what the data determine (``recon_server.research.evaluate``)."""
     assert subject.coil_weight is not None
     mag = np.abs(subject.truth) * subject.coil_weight
     return mag, mag > 0.1 * mag.max()

@@ -14,16 +14,17 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from recon_server import cli, pipeline
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
+from recon_server.cli import main as cli
 from recon_server.data.acquire import SimulatedSubject
-from recon_server.metrics import nrmse
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.oversampling import remove_readout_oversampling
 from recon_server.mrd.replay import ReplayResult, stream_scan
-from recon_server.mrd.server import StreamServer
+from recon_server.recon import pipeline
+from recon_server.research.quality import nrmse
 from recon_server.scan import KSpaceScan
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "dps", "dps-fast", "dps-warm")
 # Measured on this corpus (96x96, 8 coils, simulator noise; docs/service.md) with margin. The

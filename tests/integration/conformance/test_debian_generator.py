@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_server import cli
-from recon_server.data import ismrmrd_io
-from recon_server.metrics import nrmse
+from recon_server.cli import main as cli
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.replay import stream_scan
-from recon_server.mrd.server import StreamServer
+from recon_server.research.quality import nrmse
+from recon_server.service.server import StreamServer
 
 METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "dps", "dps-fast", "dps-warm")
 # Measured here with margin (full / 2x: cg-sense 0.132 / 0.173, l1-wavelet 0.130 / 0.155, dps-fast

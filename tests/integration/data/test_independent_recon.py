@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server.cli import main as cli_main
-from recon_server.data.ismrmrd_io import read_images
+from recon_server.cli.main import main as cli_main
+from recon_server.mrd.ismrmrd_io import read_images
 
 
 def test_debian_recon_of_reference_matches_truth(tmp_path: Path, recon_tool: str) -> None:

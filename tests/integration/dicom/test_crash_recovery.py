@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_server.data import acquire, ismrmrd_io
-from recon_server.mrd import wire
+from recon_server.data import acquire
+from recon_server.mrd import ismrmrd_io, wire
 
 SLICES = 6
 PHASES = ("receiving", "reconstructing", "writing", "spooling", "delivered")

@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, evt
 
-from recon_server.dicom import commands
+from recon_server.cli import dicom as commands
 from recon_server.dicom.deliver import MissingIdentifierError, store_series
 from recon_server.dicom.sender import PacsSender
 from recon_server.dicom.spool import Spool

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import ismrmrd
 import pytest
 
-from recon_server.config import ServiceConfig
-from recon_server.mrd.server import StreamServer
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
-from recon_server.mrd.server import StreamServer
+from recon_server.mrd import ismrmrd_io
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 FLAIR = json.dumps({"contrast": "FLAIR"})  # the diffusion methods need a contrast label
 

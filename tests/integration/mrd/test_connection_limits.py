@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
-from recon_server.mrd import fuzz, listener, wire
-from recon_server.mrd.gadget import GadgetronListener
-from recon_server.mrd.server import StreamServer
+from recon_server.mrd import ismrmrd_io, wire
 from recon_server.ops.http import OpsServer
-from recon_server.ops.metrics import REGISTRY, parse_exposition
+from recon_server.ops.service_metrics import REGISTRY, parse_exposition
+from recon_server.service import fuzz, listener
+from recon_server.service.config import ServiceConfig
+from recon_server.service.gadget import GadgetronListener
+from recon_server.service.server import StreamServer
 
 SCAN = fuzz.valid_scan()
 
@@ -262,7 +262,7 @@ def test_huge_header_matrix_is_refused_before_the_readouts(make_server) -> None:
 
 def test_a_failed_scan_is_freed_at_once(make_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """No reference cycle keeps a failed stream's assembler (and its k-space) alive."""
-    from recon_server.mrd import server as server_module
+    from recon_server.service import server as server_module
 
     made: list[weakref.ref] = []  # type: ignore[type-arg]
 

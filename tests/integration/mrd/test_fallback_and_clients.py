@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
 
-from recon_server.config import ServiceConfig
-from recon_server.mrd.gadget import GadgetronListener
-from recon_server.mrd.server import StreamServer
-from recon_server.ops import metrics as ops_metrics
+from recon_server.ops import service_metrics as ops_metrics
 from recon_server.recon import methods
+from recon_server.service.config import ServiceConfig
+from recon_server.service.gadget import GadgetronListener
+from recon_server.service.server import StreamServer
 
 from .conftest import read_gadgetron_replies
 
@@ -230,12 +230,12 @@ def test_unknown_config_file_name_is_a_warning_naming_the_method_used(
     zf_server: StreamServer, shepp_full: Path, caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
     assert zf_server.address is not None
-    with caplog.at_level(logging.WARNING, logger="recon_server.mrd.server"):
+    with caplog.at_level(logging.WARNING, logger="recon_server.service.server"):
         images, texts = _client(shepp_full, zf_server.address, config=ConfigFile(name))
     assert texts == [] and len(images) == 1
     assert images[0].meta["ReconMethod"] == "zero-filled"
     (record,) = [
-        r for r in caplog.records if r.name == "recon_server.mrd.server" and r.levelno >= logging.WARNING
+        r for r in caplog.records if r.name == "recon_server.service.server" and r.levelno >= logging.WARNING
     ]
     assert record.levelno == logging.WARNING
     assert repr(name) in record.getMessage() and "using zero-filled instead" in record.getMessage()
@@ -283,7 +283,7 @@ def test_fire_config_naming_no_method_is_a_warning(
 ) -> None:
     assert zf_server.address is not None
     text = json.dumps({"parameters": {"config": "invertcontrast", "options": "complex"}})
-    with caplog.at_level(logging.WARNING, logger="recon_server.mrd.server"):
+    with caplog.at_level(logging.WARNING, logger="recon_server.service.server"):
         images, texts = _client(shepp_full, zf_server.address, config=ConfigFile("openrecon"), text=text)
     assert texts == [] and images[0].meta["ReconMethod"] == "zero-filled"
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -423,8 +423,8 @@ def test_images_carry_measurement_uid_time_stamps_and_table_position(
 
 def test_fallback_meta_survives_the_wire_codec() -> None:
     """Meta with the fallback note round-trips through ismrmrd's own parser (quotes, ->, :)."""
-    from recon_server.mrd.server import volume_to_images
     from recon_server.scan import ImageVolume, Provenance, SliceGeometry
+    from recon_server.service.server import volume_to_images
 
     geom = SliceGeometry((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (200, 200, 5), table_position=(1, 2, 3))
     volume = ImageVolume(

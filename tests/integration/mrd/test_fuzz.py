@@ -1,5 +1,5 @@
 """Bounded fuzzing of the stream server (in-process, loopback): a few hundred hostile streams of
-several seeds (:mod:`recon_server.mrd.fuzz`); after each batch the server is alive, serves a valid
+several seeds (:mod:`recon_server.service.fuzz`); after each batch the server is alive, serves a valid
 scan exactly as before, and has not grown in memory, threads or descriptors."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_server.config import ServiceConfig
-from recon_server.mrd import fuzz, wire
-from recon_server.mrd.server import StreamServer
+from recon_server.mrd import wire
+from recon_server.service import fuzz
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 SEEDS = (11, 12, 13)
 STREAMS_PER_SEED = 90

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from gadgetron.types import recon_data as gt
 
-from recon_server import metrics
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.assemble import Assembler
-from recon_server.mrd.gadget import GadgetronListener
+from recon_server.research import quality as metrics
+from recon_server.service.config import ServiceConfig
+from recon_server.service.gadget import GadgetronListener
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = b'<configuration><property name="method" value="zero-filled"/></configuration>'
@@ -115,7 +115,7 @@ def test_execute_mode_subprocess(shepp_truth, shepp_full: Path) -> None:
     port = listener.getsockname()[1]
     env = {**os.environ, "GADGETRON_EXTERNAL_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gadgetron", str(port), "recon_server.mrd.gadget", "gadget"],
+        [sys.executable, "-m", "gadgetron", str(port), "recon_server.service.gadget", "gadget"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

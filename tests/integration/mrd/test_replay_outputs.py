@@ -16,9 +16,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from recon_server.cli import main
-from recon_server.data import ismrmrd_io
-from recon_server.mrd import wire
+from recon_server.cli.main import main
+from recon_server.mrd import ismrmrd_io, wire
 from recon_server.mrd.replay import NoImagesError, ReplayError, replay_file
 
 Reply = list[wire.Message]

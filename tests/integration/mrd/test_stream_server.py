@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
-from recon_server import cli, metrics
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
-from recon_server.mrd.server import StreamServer
+from recon_server.cli import main as cli
+from recon_server.mrd import ismrmrd_io
 from recon_server.recon import methods
+from recon_server.research import quality as metrics
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 
 def nrmse(image: np.ndarray, truth: np.ndarray) -> float:
@@ -119,7 +120,7 @@ def test_bad_input_gets_err_text_and_server_keeps_serving(
 ) -> None:
     assert server.address is not None
     payload, expected = BAD_INPUTS[case]
-    with caplog.at_level(logging.ERROR, logger="recon_server.mrd.server"):
+    with caplog.at_level(logging.ERROR, logger="recon_server.service.server"):
         texts = _raw_exchange(server.address, payload)
     assert len(texts) == 1 and texts[0].startswith("ERR ") and expected in texts[0], texts
     logged = expected if expected != "ERR" else "failed"
@@ -148,7 +149,7 @@ def test_client_disconnecting_mid_scan(
     ser.serialize(ismrmrd.xsd.CreateFromDocument(_header_bytes(shepp_full)))
     ser.serialize(ismrmrd.Acquisition.from_array(np.ones((4, 128), np.complex64), center_sample=64))
     payload = buf.getvalue()[:-1000]  # cut inside the acquisition, no CLOSE
-    with caplog.at_level(logging.ERROR, logger="recon_server.mrd.server"):
+    with caplog.at_level(logging.ERROR, logger="recon_server.service.server"):
         with socket.create_connection(server.address) as sock:
             sock.sendall(payload)
         # The server notices the end of the stream and logs it.

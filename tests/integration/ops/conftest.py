@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_server.data import ismrmrd_io
+from recon_server.mrd import ismrmrd_io
 
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"
 MEASUREMENT_ID = "OPS_TEST_MEAS_42"

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.mrd import fuzz, wire
-from recon_server.ops.metrics import parse_exposition
+from recon_server.mrd import wire
+from recon_server.ops.service_metrics import parse_exposition
+from recon_server.service import fuzz
 
 FD_LIMIT = 64
 IDLE_CLIENTS = 70  # more than the limit leaves room for

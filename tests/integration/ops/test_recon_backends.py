@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon_server.cli import main
+from recon_server.cli.main import main
 from recon_server.dpm.checkpoint import save_checkpoint
 from recon_server.dpm.unet import build_denoiser
 from recon_server.recon.methods import configure_diffusion

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from recon_server.cli import main as cli_main
+from recon_server.cli.main import main as cli_main
 from recon_server.data import fastmri, slices
-from recon_server.data.ismrmrd_io import read_raw
+from recon_server.mrd.ismrmrd_io import read_raw
 from recon_server.recon.fft import fft2c
 
 CF = 0.25  # 16 ACS rows at 64: enough for the 6x6 ESPIRiT kernel

@@ -11,8 +11,8 @@ import numpy as np
 from ismrmrd import xsd
 
 from recon_server.data import acquire
-from recon_server.data.ismrmrd_io import read_raw
 from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.ismrmrd_io import read_raw
 
 
 def _bit(flag: int) -> int:

@@ -15,8 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from recon_server import pipeline
-from recon_server.data import ismrmrd_io
 from recon_server.dicom.writer import (
     FALLBACK_IMAGE_TYPE,
     METHOD_SLOTS,
@@ -26,7 +24,9 @@ from recon_server.dicom.writer import (
     series_number,
     write_series,
 )
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.assemble import Assembler
+from recon_server.recon import pipeline
 from recon_server.scan import ImageVolume
 
 TOOL = "ismrmrd_generate_cartesian_shepp_logan"

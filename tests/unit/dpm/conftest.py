@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon_server.dpm.trainset import TensorSliceSet, write_npy_slice_set
+from recon_server.training.trainset import TensorSliceSet, write_npy_slice_set
 
 CONTRAST_LEVELS = {"T1": 0.3, "T2": 0.8, "T1POST": 0.5, "FLAIR": 0.65}
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from recon_server.data.acquire import SimulationConfig, render_subject
-from recon_server.dpm.augment import Augmentation, augment, head_patches
 from recon_server.dpm.checkpoint import read_tensors, read_training_meta
 from recon_server.dpm.precision import CpuPrecision, probe_cpu_precision
-from recon_server.dpm.schedule import LRSchedule
-from recon_server.dpm.train import TrainConfig, train
-from recon_server.dpm.trainset import NpySliceSet, TensorSliceSet
-from recon_server.dpm.truthset import normalised_truth, write_truth_set
 from recon_server.dpm.unet import build_denoiser
+from recon_server.training.augment import Augmentation, augment, head_patches
+from recon_server.training.schedule import LRSchedule
+from recon_server.training.train import TrainConfig, train
+from recon_server.training.trainset import NpySliceSet, TensorSliceSet
+from recon_server.training.truthset import normalised_truth, write_truth_set
 
 from .conftest import toy_images
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from recon_server import cli
+from recon_server.cli import main as cli
 from recon_server.dpm.checkpoint import read_tensors, read_training_meta
 
 COMMON = [

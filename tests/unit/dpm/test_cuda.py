@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recon_server.dpm.schedule import LRSchedule
-from recon_server.dpm.train import DistInfo, TrainConfig, train, validate
-from recon_server.dpm.trainset import TensorSliceSet
 from recon_server.dpm.unet import build_denoiser
+from recon_server.training.schedule import LRSchedule
+from recon_server.training.train import DistInfo, TrainConfig, train, validate
+from recon_server.training.trainset import TensorSliceSet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -12,7 +12,7 @@ from PIL import Image
 from recon_server.dpm.edm import edm_sigmas
 from recon_server.dpm.sample import edm_sample, sample_prior
 from recon_server.dpm.unet import build_denoiser
-from recon_server.preview import magnitude_grid, write_png
+from recon_server.research.preview import magnitude_grid, write_png
 
 SD = 0.5
 

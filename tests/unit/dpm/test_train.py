@@ -13,9 +13,10 @@ import torch
 
 from recon_server.dpm.checkpoint import read_tensors, read_training_meta
 from recon_server.dpm.edm import EDMLoss
-from recon_server.dpm.schedule import EMA, LRSchedule
-from recon_server.dpm.train import VAL_SEED, TrainConfig, steps_for_epochs, train, validate
-from recon_server.dpm.trainset import (
+from recon_server.dpm.unet import EDMDenoiser, build_denoiser
+from recon_server.training.schedule import EMA, LRSchedule
+from recon_server.training.train import VAL_SEED, TrainConfig, steps_for_epochs, train, validate
+from recon_server.training.trainset import (
     SliceSet,
     StepBatchSampler,
     TensorSliceSet,
@@ -27,7 +28,6 @@ from recon_server.dpm.trainset import (
     split_subjects,
     write_npy_slice_set,
 )
-from recon_server.dpm.unet import EDMDenoiser, build_denoiser
 
 
 def _config(steps: int, **kw: object) -> TrainConfig:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recon_server import evaluate
-from recon_server.cli import main
+from recon_server.cli.main import main
 from recon_server.dpm.checkpoint import load_checkpoint, read_card
 from recon_server.recon import methods
+from recon_server.research import evaluate
 
 
 def test_undersampling_follows_the_fastmri_rule(flair_eval: Path) -> None:

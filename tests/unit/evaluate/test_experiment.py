@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from recon_server.cli import main
+from recon_server.cli.main import main
 from recon_server.data.slices import iter_scans, prepare_dataset
 
 

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 import torch
 
-from recon_server import evaluate, pipeline
 from recon_server.dicom.writer import write_series
 from recon_server.dpm.checkpoint import load_checkpoint, read_card, update_card_sampler_defaults
-from recon_server.recon import methods
+from recon_server.recon import methods, pipeline
+from recon_server.research import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from recon_server import pipeline
-from recon_server.data import ismrmrd_io
 from recon_server.dpm.checkpoint import CheckpointError
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.assemble import assemble
-from recon_server.ops import metrics as ops_metrics
-from recon_server.recon import methods
+from recon_server.ops import service_metrics as ops_metrics
+from recon_server.recon import methods, pipeline
 from recon_server.scan import KSpaceScan
 
 

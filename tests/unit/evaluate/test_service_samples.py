@@ -10,11 +10,11 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from recon_server.config import ServiceConfig
-from recon_server.data import ismrmrd_io
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.replay import replay_file, stream_scan
-from recon_server.mrd.server import StreamServer
 from recon_server.recon import methods
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import StreamServer
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.config import ConfigError, ServiceConfig, parse_config
 from recon_server.mrd import client_config as cc
-from recon_server.mrd import gadget
 from recon_server.recon.methods import METHODS
+from recon_server.service import gadget
+from recon_server.service.config import ConfigError, ServiceConfig, parse_config
 
 
 def test_one_parser_for_the_gadget_and_the_stream_server() -> None:

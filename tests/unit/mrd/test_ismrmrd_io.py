@@ -8,7 +8,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from recon_server.data import ismrmrd_io
+from recon_server.mrd import ismrmrd_io
 
 HEADER = "<?xml version='1.0'?><ismrmrdHeader xmlns='http://www.ismrm.org/ISMRMRD'/>"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server.data import ismrmrd_io
-from recon_server.mrd import journal as jr
+from recon_server.mrd import ismrmrd_io
 from recon_server.mrd.wire import Acquisition
+from recon_server.service import journal as jr
 
 
 def _acquisitions(path: Path) -> tuple[str, list[Acquisition]]:

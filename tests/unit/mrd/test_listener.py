@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from recon_server.mrd import listener
+from recon_server.service import listener
 
 
 def _pair() -> tuple[listener.StreamSocket, socket.socket]:

@@ -9,8 +9,9 @@ import weakref
 import numpy as np
 import pytest
 
-from recon_server.mrd import fuzz, wire
+from recon_server.mrd import wire
 from recon_server.mrd.assemble import INDEX_TOLERANCE, Assembler
+from recon_server.service import fuzz
 
 
 def rss_bytes() -> int:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from gadgetron.types import recon_data as gt_recon
 
-from recon_server.data.ismrmrd_io import new_acquisition_headers
 from recon_server.mrd import wire
+from recon_server.mrd.ismrmrd_io import new_acquisition_headers
 
 
 def _encode(*msgs: wire.Message) -> io.BytesIO:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.cli import build_parser, main
-from recon_server.config import ConfigError, load_config
-from recon_server.mrd.commands import serve_config
+from recon_server.cli.main import build_parser, main
+from recon_server.cli.serve import serve_config
 from recon_server.recon.methods import METHODS
+from recon_server.service.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "docker" / "recon-server.toml"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.cli import build_parser
-from recon_server.config import ConfigError, ServiceConfig, parse_config
-from recon_server.mrd.commands import serve_config
-from recon_server.mrd.listener import client_allowed, parse_networks
+from recon_server.cli.main import build_parser
+from recon_server.cli.serve import serve_config
+from recon_server.service.config import ConfigError, ServiceConfig, parse_config
+from recon_server.service.listener import client_allowed, parse_networks
 
 REPO = Path(__file__).resolve().parents[3]
 

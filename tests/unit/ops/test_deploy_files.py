@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.cli import build_parser
-from recon_server.config import load_config
+from recon_server.cli.main import build_parser
 from recon_server.recon.methods import METHODS
+from recon_server.service.config import load_config
 
 REPO = Path(__file__).resolve().parents[3]
 COMPOSE = REPO / "docker-compose.yml"
@@ -136,7 +136,7 @@ def test_gadgetron_configs_parse_and_point_at_recon_server(compose_config: dict)
     assert connect.get("address") == "recon-server" and "recon-server" in compose_config["services"]
     assert int(connect.get("port", "0")) == app.service.gadgetron_port
     execute = ET.parse(GADGETRON_DIR / "recon_server_execute.xml").getroot().find("stream/external/execute")
-    assert execute is not None and execute.get("name") == "recon_server.mrd.gadget"
+    assert execute is not None and execute.get("name") == "recon_server.service.gadget"
     gt_dockerfile = (GADGETRON_DIR / "Dockerfile").read_text()
     assert "FROM ghcr.io/gadgetron/gadgetron/ubuntu22.04_rt_cuda:latest" in gt_dockerfile
     assert "recon_server_connect.xml" in gt_dockerfile

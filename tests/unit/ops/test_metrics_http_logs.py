@@ -13,7 +13,7 @@ import pytest
 
 from recon_server.ops import logs
 from recon_server.ops.http import OpsServer, spool_writable
-from recon_server.ops.metrics import Registry, Sample, parse_exposition
+from recon_server.ops.service_metrics import Registry, Sample, parse_exposition
 
 
 def test_exposition_format_counters_gauges_histograms_collectors() -> None:

@@ -111,7 +111,7 @@ def test_export_onnx_command_torchscript(tiny_checkpoint: Path, tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "recon_server.cli",
+            "recon_server.cli.main",
             "export-onnx",
             "--model",
             str(tiny_checkpoint),

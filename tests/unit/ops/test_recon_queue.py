@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from recon_server import pipeline
-from recon_server.ops import metrics
+from recon_server.ops import service_metrics as metrics
 from recon_server.ops.http import OpsServer, queue_ready
+from recon_server.recon import pipeline
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.config import AppConfig, ServiceConfig
+from recon_server.cli.runtime import ModelLoader, readiness_checks, spool_samples
 from recon_server.dicom.config import DicomConfig, PacsDestination
 from recon_server.dicom.spool import Spool
 from recon_server.dpm.checkpoint import load_checkpoint
 from recon_server.dpm.onnx import OnnxDenoiser, export_onnx
-from recon_server.ops.metrics import REGISTRY, parse_exposition
-from recon_server.ops.runtime import ModelLoader, readiness_checks, spool_samples
+from recon_server.ops.service_metrics import REGISTRY, parse_exposition
 from recon_server.recon.methods import DIFFUSION, configure_diffusion
+from recon_server.service.config import AppConfig, ServiceConfig
 
 
 @pytest.fixture

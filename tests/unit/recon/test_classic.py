@@ -9,7 +9,6 @@ import pytest
 import sigpy.mri.app as app
 import torch
 
-from recon_server.data.masks import equispaced_mask, mask_2d
 from recon_server.recon.classic import (
     WAVELETS,
     cg_sense,
@@ -20,6 +19,7 @@ from recon_server.recon.classic import (
     wavelet_inverse,
     zero_filled,
 )
+from recon_server.recon.masks import equispaced_mask, mask_2d
 from recon_server.recon.sense import SenseOperator
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from recon_server.data.masks import equispaced_mask, mask_2d
 from recon_server.dpm.unet import build_denoiser
 from recon_server.recon import dps
+from recon_server.recon.masks import equispaced_mask, mask_2d
 from recon_server.recon.sense import SenseOperator
 
 # Samplers on tiny images: one thread is faster and gives the same numbers on every machine.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recon_server.data.masks import acceleration_of, acs_region, equispaced_mask, mask_2d, random_mask
+from recon_server.recon.masks import acceleration_of, acs_region, equispaced_mask, mask_2d, random_mask
 
 
 @pytest.mark.parametrize("kind", [equispaced_mask, random_mask])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon_server.data.masks import equispaced_mask, mask_2d
+from recon_server.recon.masks import equispaced_mask, mask_2d
 from recon_server.recon.methods import METHODS, ReconProblem, get_method
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from recon_server.metrics import nrmse, psnr, ssim
+from recon_server.research.quality import nrmse, psnr, ssim
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -10,12 +10,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from recon_server import bart
-from recon_server.metrics import nrmse
 from recon_server.recon.classic import cg_sense, l1_wavelet
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.fft import fft2c
 from recon_server.recon.noise import noise_level
+from recon_server.research import bart
+from recon_server.research.quality import nrmse
 
 N, COILS, ACS = 128, 8, 16
 COLIN_BETTER = Path("/usr/share/mricron/templates/ch2better.nii.gz")

@@ -8,8 +8,9 @@ Stages (each through the project's public commands, as a user would run them):
 3. ``recon-server replay``: streams the raw file to the server and saves the returned images.
 4. Quality: NRMSE / PSNR / SSIM of the returned magnitude images against the noiseless truth
    times the prewhitened coil weighting (``coil_weight.npy``: what the data determine, see
-   ``recon_server.evaluate``; conventions in ``recon_server.metrics``: least-squares scale fit,
-   head mask), next to zero-filled, CG-SENSE and L1-wavelet of the same file. The server uses
+   ``recon_server.research.evaluate``; conventions in ``recon_server.research.quality``:
+   least-squares scale fit, head mask), next to zero-filled, CG-SENSE and L1-wavelet of the same
+   file. The server uses
    the shipped diffusion model (``dps-fast``) when ``models/flair-stroke-demo`` is installed,
    CG-SENSE otherwise, and says which.
 5. DICOM: the series the server wrote, checked with ``dciodvfy`` when dicom3tools is installed.
@@ -29,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server import cli, metrics
-from recon_server.preview import magnitude_grid, write_png
+from recon_server.cli import main as cli
 from recon_server.recon.methods import model_directory
+from recon_server.research import quality as metrics
+from recon_server.research.preview import magnitude_grid, write_png
 
 SERVER_START_TIMEOUT_S = 120.0
 
@@ -43,7 +45,7 @@ def _stage(title: str) -> float:
 
 def start_server(args: Sequence[str]) -> tuple[subprocess.Popen[str], int]:
     """Start ``recon-server serve`` on a free port; returns the process and the port it bound."""
-    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", "--http-port", "0", *args]
+    cmd = [sys.executable, "-m", "recon_server.cli.main", "serve", "--port", "0", "--http-port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -87,9 +89,9 @@ def quality_rows(images: dict[str, np.ndarray], truth: np.ndarray) -> list[tuple
 
 def offline_baselines(raw: Path, methods: Sequence[str]) -> dict[str, np.ndarray]:
     """The same raw file reconstructed in this process by each named method (for comparison)."""
-    from recon_server.data import ismrmrd_io
+    from recon_server.mrd import ismrmrd_io
     from recon_server.mrd.assemble import Assembler
-    from recon_server.pipeline import reconstruct
+    from recon_server.recon.pipeline import reconstruct
 
     scan_file = ismrmrd_io.read_raw(raw)
     assembler = Assembler(scan_file.header_xml)
@@ -120,7 +122,9 @@ def validate_dicom(files: list[Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recon_server.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m recon_server.cli.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--matrix", type=int, default=256)
     parser.add_argument("--coils", type=int, default=16)

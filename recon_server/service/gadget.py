@@ -1,7 +1,7 @@
 """Gadgetron external Python gadget (gadgetron-python), in both Gadgetron modes.
 
-``<execute name="recon_server.mrd.gadget" target="gadget" type="python"/>``
-    Gadgetron runs ``python -m gadgetron <port> recon_server.mrd.gadget gadget`` per stream;
+``<execute name="recon_server.service.gadget" target="gadget" type="python"/>``
+    Gadgetron runs ``python -m gadgetron <port> recon_server.service.gadget gadget`` per stream;
     :func:`gadget` reconstructs on the calling thread (state is rebuilt for every scan).
 ``<connect port="18000"/>``
     ``recon-server serve --gadgetron-port 18000`` runs :class:`GadgetronListener`: a
@@ -36,16 +36,17 @@ from typing import Any
 
 from gadgetron.external import Connection
 
-from recon_server.config import ServiceConfig
-from recon_server.mrd import listener, wire
+from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.client_config import config_properties, requested_method
-from recon_server.mrd.server import volume_to_images
 from recon_server.ops import logs as ops_logs
-from recon_server.ops import metrics
-from recon_server.pipeline import ReconService, ReconWorker, Sink, reconstruct_all
+from recon_server.ops import service_metrics as metrics
 from recon_server.recon.methods import METHODS
+from recon_server.recon.pipeline import ReconService, ReconWorker, Sink, reconstruct_all
 from recon_server.scan import KSpaceScan
+from recon_server.service import listener
+from recon_server.service.config import ServiceConfig
+from recon_server.service.server import volume_to_images
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def _drain(reader: wire.WireReader) -> None:
 
 
 def gadget(connection: Connection) -> None:
-    """``<execute>`` entry point: ``python -m gadgetron <port> recon_server.mrd.gadget gadget``."""
+    """``<execute>`` entry point: ``python -m gadgetron <port> recon_server.service.gadget gadget``."""
     handle_connection(connection)
 
 
@@ -187,7 +188,7 @@ class GadgetronListener:
         return self.address
 
     def _accept_loop(self) -> listener.AcceptLoop:
-        """The shared accept loop (:mod:`recon_server.mrd.listener`) with this listener's settings."""
+        """The shared accept loop (:mod:`recon_server.service.listener`) with this listener's settings."""
         if self._sock is None:
             self.bind()
         assert self._sock is not None and self.address is not None

@@ -40,8 +40,8 @@ from typing import cast
 
 import numpy as np
 
-from recon_server.data.ismrmrd_io import ACQUISITION_HEADER_DTYPE, new_acquisition_headers
 from recon_server.mrd import wire
+from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, new_acquisition_headers
 
 KINDS = (
     "random-bytes",
@@ -191,7 +191,7 @@ def carries_readouts(payload: bytes) -> bool:
     """Whether a stream server reading ``payload`` gets a header and at least one readout (what
     it keeps as a failed scan when the stream then fails): read with the server's own session."""
     from recon_server.mrd.client_config import ClientConfigError
-    from recon_server.mrd.server import StreamSession
+    from recon_server.service.server import StreamSession
 
     session = StreamSession(wire.WireReader(io.BytesIO(payload)), keep_acquisitions=True)
     try:

@@ -2,7 +2,7 @@
 
 One optimizer step ``k`` of a phase (pre-training or fine-tuning):
 
-1. the global batch is ``global_batch_positions(k)`` (:mod:`recon_server.dpm.trainset`); rank ``r``
+1. the global batch is ``global_batch_positions(k)`` (:mod:`recon_server.training.trainset`); rank ``r``
    of ``W`` loads its contiguous share of ``B / W`` slices;
 2. the EDM draws (``ln sigma`` and the noise) for the *whole* global batch come from a generator
    seeded by ``(seed, k)``, and each rank uses its share, so ``W`` processes compute exactly the
@@ -37,7 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from recon_server.dpm.augment import Augmentation, augment, head_patches
 from recon_server.dpm.checkpoint import (
     load_training_state,
     read_training_meta,
@@ -46,10 +45,11 @@ from recon_server.dpm.checkpoint import (
 )
 from recon_server.dpm.edm import EDMLoss, loss_weight
 from recon_server.dpm.precision import CpuPrecision, probe_cpu_precision, set_memory_format
-from recon_server.dpm.schedule import EMA, LRSchedule
-from recon_server.dpm.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
 from recon_server.dpm.unet import EDMDenoiser, count_parameters
 from recon_server.machine import cpu_model
+from recon_server.training.augment import Augmentation, augment, head_patches
+from recon_server.training.schedule import EMA, LRSchedule
+from recon_server.training.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class TrainConfig:
     crop: int | None = None  # train on random crop x crop windows (same pixel size; see trainset)
     large_crop: int | None = None  # every large_every-th step uses this (larger) crop instead
     large_every: int = 0
-    augment: bool = False  # head-biased patches + flips, gamma, gain, phase (recon_server.dpm.augment)
+    augment: bool = False  # head-biased patches + flips, gamma, gain, phase (recon_server.training.augment)
     cpu_precision: str = "fp32"  # on CPU: fp32, bf16, fp32-cl, bf16-cl (channels_last) or auto (probe)
     stop_at_step: int | None = None  # end this invocation early (checkpointed) for --resume later
     name: str = "recon-server-dpm"

@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from recon_server import __version__
-from recon_server.data import commands as data_commands
-from recon_server.dicom import commands as dicom_commands
-from recon_server.dpm import commands as dpm_commands
-from recon_server.mrd import commands as mrd_commands
-from recon_server.ops import commands as ops_commands
-from recon_server.recon import commands as recon_commands
+from recon_server.cli import data as data_commands
+from recon_server.cli import dicom as dicom_commands
+from recon_server.cli import ops as ops_commands
+from recon_server.cli import research as recon_commands
+from recon_server.cli import serve as mrd_commands
+from recon_server.cli import train as dpm_commands
 
 COMMAND_MODULES = (mrd_commands, dicom_commands, data_commands, dpm_commands, recon_commands, ops_commands)
 

@@ -14,7 +14,7 @@ Protocol (per subject, per acceleration R):
 2. Each method runs through ``pipeline.reconstruct_all`` (prewhitening, ESPIRiT, method), exactly as
    the service runs it. BART ``pics`` (``--bart``, when the binary exists) gets the same prewhitened
    undersampled k-space and estimates its own maps (``ecalib -m1``).
-3. Metrics (``recon_server.metrics``): NRMSE, PSNR, SSIM of the magnitude against the reference
+3. Metrics (``recon_server.research.quality``): NRMSE, PSNR, SSIM of the magnitude against the reference
    ``|truth| x coil_weight`` (``coil_weight.npy``, :func:`recon_server.data.acquire.prewhitened_coil_weight`:
    after prewhitening, coil combination returns the object times ``||L^-1 S||``, a smooth +-15 %
    weighting no method can undo; against ``|truth|`` alone that weighting was 0.09 of every
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server import metrics
-from recon_server.data.masks import acceleration_of, default_center_fraction, equispaced_mask, mask_2d
+from recon_server.recon.masks import acceleration_of, default_center_fraction, equispaced_mask, mask_2d
+from recon_server.research import quality as metrics
 from recon_server.scan import KSpaceScan
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,8 @@ def load_subject(directory: str | Path, *, slices: int | None = None) -> EvalSub
 
     ``slices``: keep only that many central slices (faster evaluations).
     """
-    from recon_server.data.ismrmrd_io import read_raw
     from recon_server.mrd.assemble import Assembler
+    from recon_server.mrd.ismrmrd_io import read_raw
 
     d = Path(directory)
     raw = read_raw(d / "reference.h5")
@@ -253,13 +253,13 @@ def run_evaluation(
 
     Returns the JSON document written to ``out_dir/results.json``.
     """
-    from recon_server.pipeline import prewhitened, reconstruct_all
     from recon_server.recon.methods import get_method
+    from recon_server.recon.pipeline import prewhitened, reconstruct_all
 
     for m in methods:
         get_method(m)
     if bart:
-        from recon_server.bart import bart_binary, pics
+        from recon_server.research.bart import bart_binary, pics
 
         if bart_binary() is None:
             raise FileNotFoundError("--bart given but the bart binary is not installed (Debian package bart)")
@@ -363,7 +363,7 @@ def markdown_table(summary: Sequence[dict[str, object]]) -> str:
 
 def montage(images: dict[str, np.ndarray], path: Path) -> Path:
     """Middle slice: row 1 truth + methods (the truth's grey scale), row 2 5x |error| maps."""
-    from recon_server.preview import magnitude_grid, write_png
+    from recon_server.research.preview import magnitude_grid, write_png
 
     truth = images["truth"]
     mid = truth.shape[0] // 2
@@ -401,8 +401,8 @@ def tune_weights(
     via :func:`recon_server.dpm.checkpoint.update_card_sampler_defaults`.
     """
     from recon_server.dpm.checkpoint import read_card, update_card_sampler_defaults
-    from recon_server.pipeline import reconstruct_all
     from recon_server.recon.methods import DIFFUSION, configure_diffusion
+    from recon_server.recon.pipeline import reconstruct_all
 
     if method not in TUNABLE:
         raise ValueError(f"tune-zeta tunes {sorted(TUNABLE)}, got {method!r}")

@@ -1,7 +1,7 @@
 """Subcommands of the diffusion-prior area: ``train pretrain``, ``train finetune``, ``sample``.
 
 Multi-GPU / multi-node: run the same command under torchrun, e.g.
-``torchrun --nproc_per_node 8 -m recon_server.cli train pretrain ...``; ``--batch`` is the global
+``torchrun --nproc_per_node 8 -m recon_server.cli.main train pretrain ...``; ``--batch`` is the global
 batch (split evenly over the processes).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from recon_server import options
+from recon_server.cli import options
 from recon_server.dpm.precision import CPU_PRECISIONS
 from recon_server.dpm.unet import MODEL_SIZES
 
@@ -59,7 +59,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     p.add_argument(
         "--augment",
         action="store_true",
-        help="head-biased crops, flips, gamma, gain and smooth phase (recon_server.dpm.augment)",
+        help="head-biased crops, flips, gamma, gain and smooth phase (recon_server.training.augment)",
     )
     p.add_argument("--grad-clip", type=options.positive_float, help="clip the gradient norm (default: none)")
     p.add_argument(
@@ -148,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported lazily)
-    from recon_server.dpm.runs import RunOptions  # noqa: PLC0415 (keep CLI start-up light)
+    from recon_server.training.runs import RunOptions  # noqa: PLC0415 (keep CLI start-up light)
 
     return RunOptions(
         data=tuple(args.data),
@@ -195,7 +195,7 @@ def _finish(summary: dict) -> int:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from recon_server.dpm.runs import pretrain  # noqa: PLC0415
+    from recon_server.training.runs import pretrain  # noqa: PLC0415
 
     summary = pretrain(
         _options(args),
@@ -208,7 +208,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from recon_server.dpm.runs import finetune  # noqa: PLC0415
+    from recon_server.training.runs import finetune  # noqa: PLC0415
 
     summary = finetune(
         _options(args),
@@ -223,7 +223,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _run_truth_set(args: argparse.Namespace) -> int:
     from recon_server.data.acquire import SimulationConfig  # noqa: PLC0415
-    from recon_server.dpm.truthset import write_truth_set  # noqa: PLC0415
+    from recon_server.training.truthset import write_truth_set  # noqa: PLC0415
 
     if args.first_subject < 0:
         raise ValueError(f"--first-subject must be >= 0, got {args.first_subject}")
@@ -248,7 +248,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from recon_server.dpm.checkpoint import load_checkpoint  # noqa: PLC0415
     from recon_server.dpm.sample import sample_prior  # noqa: PLC0415
-    from recon_server.preview import magnitude_grid, write_png  # noqa: PLC0415
+    from recon_server.research.preview import magnitude_grid, write_png  # noqa: PLC0415
 
     device = (
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

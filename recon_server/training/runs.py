@@ -9,7 +9,7 @@
   ``epoch_fraction`` (2%) of the epochs recorded in the pre-trained card, validating on held-out
   target subjects and keeping the best checkpoint.
 
-Held-out subjects are picked by :func:`~recon_server.dpm.trainset.split_subjects` with a fixed
+Held-out subjects are picked by :func:`~recon_server.training.trainset.split_subjects` with a fixed
 split seed, so every run on the same prepared data validates on the same subjects.
 """
 
@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from recon_server.dpm.checkpoint import CheckpointError, load_checkpoint, read_training_meta
-from recon_server.dpm.schedule import LRSchedule
-from recon_server.dpm.train import (
+from recon_server.dpm.unet import EDMDenoiser, UNetConfig, build_denoiser, normalise_contrast
+from recon_server.training.schedule import LRSchedule
+from recon_server.training.train import (
     VAL_SIGMAS,
     DistInfo,
     TrainConfig,
@@ -30,7 +31,7 @@ from recon_server.dpm.train import (
     steps_for_epochs,
     train,
 )
-from recon_server.dpm.trainset import (
+from recon_server.training.trainset import (
     ConcatSlices,
     SliceSet,
     Subset,
@@ -38,7 +39,6 @@ from recon_server.dpm.trainset import (
     split_subjects,
     subjects_by_contrast,
 )
-from recon_server.dpm.unet import EDMDenoiser, UNetConfig, build_denoiser, normalise_contrast
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ A patch prior learns local anatomy; on two cores every patch must count. Per opt
   generator seeded by ``(seed, k, 4)``.
 
 Everything is a function of ``(seed, step)`` and the batch, so the trainer's exact-resume and
-data-parallel guarantees (:mod:`recon_server.dpm.train`) hold.
+data-parallel guarantees (:mod:`recon_server.training.train`) hold.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recon_server.dpm.trainset import mix_seed
+from recon_server.training.trainset import mix_seed
 
 CANDIDATES = 4
 

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from recon_server import options
-from recon_server.config import (
+from recon_server.cli import options
+from recon_server.cli.dicom import add_output_args, output_config
+from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
+from recon_server.scan import ImageVolume
+from recon_server.service.config import (
     DEFAULT_PORT,
     MAX_POSTERIOR_SAMPLES,
     AppConfig,
@@ -25,9 +28,6 @@ from recon_server.config import (
     device_unavailable,
     load_config,
 )
-from recon_server.dicom.commands import add_output_args, output_config
-from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
-from recon_server.scan import ImageVolume
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def serve_config(args: argparse.Namespace) -> AppConfig:
 
 def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[ImageVolume], None]:
     """Wrap an output sink so its time lands in the ``output:<stage>`` metric."""
-    from recon_server.ops.metrics import ERRORS, STAGES
+    from recon_server.ops.service_metrics import ERRORS, STAGES
 
     def timed(volume: ImageVolume) -> None:
         try:
@@ -295,15 +295,15 @@ def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[Image
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from recon_server.cli.runtime import start_ops
     from recon_server.dicom.deliver import SenderWorker, store_series
     from recon_server.dicom.spool import Spool
-    from recon_server.mrd.gadget import GadgetronListener
-    from recon_server.mrd.journal import Journal
-    from recon_server.mrd.server import StreamServer
     from recon_server.ops.http import queue_ready
     from recon_server.ops.logs import configure_logging
-    from recon_server.ops.runtime import start_ops
-    from recon_server.pipeline import ReconWorker
+    from recon_server.recon.pipeline import ReconWorker
+    from recon_server.service.gadget import GadgetronListener
+    from recon_server.service.journal import Journal
+    from recon_server.service.server import StreamServer
 
     app = serve_config(args)
     config = app.service
@@ -481,13 +481,13 @@ def _configure_model(args: argparse.Namespace) -> None:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from recon_server.data import ismrmrd_io
     from recon_server.dicom.deliver import store_series
     from recon_server.dicom.sender import PacsSender
+    from recon_server.mrd import ismrmrd_io
     from recon_server.mrd.assemble import Assembler
     from recon_server.mrd.replay import to_ismrmrd_images
-    from recon_server.mrd.server import volume_to_images
-    from recon_server.pipeline import reconstruct_all
+    from recon_server.recon.pipeline import reconstruct_all
+    from recon_server.service.server import volume_to_images
 
     config = ServiceConfig(device=args.device)
     _configure_model(args)

@@ -209,11 +209,11 @@ def output_config(args: argparse.Namespace) -> DicomConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m recon_server.dicom.commands``: this area's subcommands without the rest of
+    """``python -m recon_server.cli.dicom``: this area's subcommands without the rest of
     ``recon-server`` (starts faster: no torch import); same options and exit codes."""
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m recon_server.dicom.commands")
+    parser = argparse.ArgumentParser(prog="python -m recon_server.cli.dicom")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from recon_server.config import ConfigError, load_config
     from recon_server.recon.methods import METHODS
+    from recon_server.service.config import ConfigError, load_config
 
     try:
         config = load_config(args.file, known_methods=METHODS)

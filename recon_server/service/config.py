@@ -208,7 +208,7 @@ class ServiceConfig:
         return frozenset(self.allowed_client_methods) | self.configured_methods()
 
     def _check_connections(self) -> None:
-        from recon_server.mrd.listener import parse_networks
+        from recon_server.service.listener import parse_networks
 
         count = self.max_connections
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -12,8 +12,8 @@ Experiment 2 (fine-tuning ablation): learning rates (``--lrs``, paper 5e-4, 1e-4
 fine-tuning lengths (``--lengths``, epochs over the N subjects; paper 650 is ~2% of pre-training),
 NRMSE at ``--ablation-accel``.
 
-Every model is trained by :mod:`recon_server.dpm.runs` (held-out validation subjects of FLAIR by the
-fixed split) and evaluated by :func:`recon_server.evaluate.run_evaluation` with ``--method``
+Every model is trained by :mod:`recon_server.training.runs` (held-out validation subjects of FLAIR by the
+fixed split) and evaluated by :func:`recon_server.research.evaluate.run_evaluation` with ``--method``
 (``dps-fast`` by default: the faithful ``dps`` costs ~15x more network evaluations). Outputs in
 ``--out``: ``runs/<model>/`` (checkpoints), ``eval/<model>/`` (evaluation files),
 ``experiment.json`` and ``experiment.md`` (tables with the command and the machine).
@@ -38,8 +38,8 @@ PAPER_LRS = "5e-4,1e-4,5e-5,1e-5"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``recon-server experiment paper``."""
-    from recon_server.options import positive_int
-    from recon_server.recon.commands import _float_list, _int_list, _model_options
+    from recon_server.cli.options import positive_int
+    from recon_server.cli.research import _float_list, _int_list, _model_options
 
     p.add_argument(
         "--pretrained", type=Path, help="pre-trained checkpoint (else pre-train on --pretrain-data)"
@@ -97,7 +97,7 @@ def _options(
     data: tuple[Path, ...],
     steps: int | None = None,
 ) -> Any:
-    from recon_server.dpm.runs import RunOptions
+    from recon_server.training.runs import RunOptions
 
     return RunOptions(
         data=data,
@@ -127,8 +127,8 @@ def _evaluate(
     methods: list[str] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """NRMSE ``[mean, sd]`` per method and acceleration (``{method: {"R": [m, sd]}}``)."""
-    from recon_server.evaluate import run_evaluation
     from recon_server.recon.methods import configure_diffusion
+    from recon_server.research.evaluate import run_evaluation
 
     if model_dir is not None:
         configure_diffusion(model_dir=model_dir)
@@ -163,8 +163,8 @@ def _pm(v: list[float] | None) -> str:
 def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate and tabulate (module docstring); returns the JSON document with ``markdown``."""
     from recon_server.dpm.checkpoint import read_card, resolve_checkpoint
-    from recon_server.dpm.runs import finetune, pretrain
     from recon_server.machine import describe as describe_machine
+    from recon_server.training.runs import finetune, pretrain
 
     out: Path = args.out
     runs = out / "runs"

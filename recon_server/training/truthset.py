@@ -5,7 +5,8 @@ complex truth (anatomy, contrast, lesions, receive bias, smooth background phase
 no thermal noise), normalised by the project's one intensity rule
 (:func:`recon_server.data.slices.slice_scale`: the 99th percentile of the image made from the
 central ``center_fraction`` of k-space), so its scale matches what the reconstruction divides a
-measured slice by. Written in the trainer's format (:func:`recon_server.dpm.trainset.write_npy_slice_set`).
+measured slice by. Written in the trainer's format
+(:func:`recon_server.training.trainset.write_npy_slice_set`).
 
 Cost: ~0.2 s per 256x256 slice on one core (the trilinear template sampling), versus ~1 s for a
 full acquisition with 8 coils followed by ESPIRiT in ``prepare-data``.
@@ -23,8 +24,8 @@ import torch
 
 from recon_server.data.acquire import SimulationConfig, render_subject
 from recon_server.data.slices import DEFAULT_CENTER_FRACTION, centre_acs, slice_scale
-from recon_server.dpm.trainset import write_npy_slice_set
 from recon_server.recon.fft import fft2c
+from recon_server.training.trainset import write_npy_slice_set
 
 log = logging.getLogger(__name__)
 

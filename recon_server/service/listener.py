@@ -36,10 +36,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from recon_server.ops.metrics import REGISTRY
+from recon_server.ops.service_metrics import REGISTRY
 
 if TYPE_CHECKING:
-    from recon_server.config import ServiceConfig
+    from recon_server.service.config import ServiceConfig
 
 log = logging.getLogger(__name__)
 

@@ -62,13 +62,13 @@ import numpy as np
 import torch
 
 from recon_server import __version__
-from recon_server.config import DEFAULT_FALLBACK_METHOD
 from recon_server.mrd.assemble import parse_header
-from recon_server.ops import metrics as ops_metrics
+from recon_server.ops import service_metrics as ops_metrics
 from recon_server.recon import classic, coils, noise
 from recon_server.recon.dps import SamplingStopped, stop_check
 from recon_server.recon.methods import MethodOutput, ReconProblem, get_method, run_method
 from recon_server.scan import ImageVolume, KSpaceScan, Provenance
+from recon_server.service.config import DEFAULT_FALLBACK_METHOD
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Subcommands of this area: ``evaluate``, ``tune-zeta``, ``experiment paper`` (docs/dps.md).
 
-- ``evaluate``: methods x accelerations on held-out simulated subjects (:mod:`recon_server.evaluate`).
+- ``evaluate``: methods x accelerations on held-out simulated subjects
+  (:mod:`recon_server.research.evaluate`).
 - ``tune-zeta``: sweep the data-consistency weight per acceleration on validation subjects (zeta
   for ``dps``, the CG weight gamma for ``dps-fast`` / ``dps-warm``), write the best into the card.
 - ``experiment paper``: the paper's two experiments at a small scale (:mod:`.experiment`).
@@ -14,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recon_server import options
+from recon_server.cli import options
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "experiment", help="the paper's experiments at a small scale", formatter_class=fmt
     )
     kinds = exp.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    from recon_server.experiment import add_arguments
+    from recon_server.research.experiment import add_arguments
 
     paper = kinds.add_parser(
         "paper", help="fine-tuned vs scratch vs many vs joint; lr x length", formatter_class=fmt
@@ -136,7 +137,7 @@ def _configure(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``recon-server evaluate``: prints the summary table, writes results into ``--out``."""
-    from recon_server.evaluate import markdown_table, run_evaluation
+    from recon_server.research.evaluate import markdown_table, run_evaluation
 
     _configure(args)
     doc = run_evaluation(
@@ -156,7 +157,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_tune_zeta(args: argparse.Namespace) -> int:
     """``recon-server tune-zeta``: mean NRMSE per (R, weight); the best per R goes into the card."""
-    from recon_server.evaluate import tune_weights
+    from recon_server.research.evaluate import tune_weights
 
     _configure(args)
     table = tune_weights(
@@ -176,7 +177,7 @@ def run_tune_zeta(args: argparse.Namespace) -> int:
 
 def run_experiment(args: argparse.Namespace) -> int:
     """``recon-server experiment paper``."""
-    from recon_server.experiment import run_paper_experiments
+    from recon_server.research.experiment import run_paper_experiments
 
     _configure(args)
     doc = run_paper_experiments(args)

@@ -27,7 +27,7 @@ Errors: the server logs one line, sends ``TEXT "ERR <message>"`` (every client a
 TEXT; FIRE treats the ``ERR`` prefix as an error level, gadgetron_ismrmrd_client prints it),
 then CLOSE, closes that connection and keeps serving. (ERROR (8) goes only to Gadgetron, by
 the external gadget.) Each connection runs in its own thread; reconstructions go through
-one :class:`~recon_server.pipeline.ReconWorker` queue.
+one :class:`~recon_server.recon.pipeline.ReconWorker` queue.
 """
 
 from __future__ import annotations
@@ -46,10 +46,8 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 
-from recon_server.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
-from recon_server.data import ismrmrd_io
 from recon_server.dicom.writer import dicom_series_description
-from recon_server.mrd import listener, wire
+from recon_server.mrd import ismrmrd_io, wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.client_config import (
     ClientConfigError,
@@ -58,11 +56,10 @@ from recon_server.mrd.client_config import (
     text_options,
     unknown_config_names,
 )
-from recon_server.mrd.journal import RECEIVING, Journal, JournalEntry, move_unique, safe_name_part
-from recon_server.mrd.journal import recover as journal_recover
 from recon_server.ops import logs as ops_logs
-from recon_server.ops import metrics
-from recon_server.pipeline import (
+from recon_server.ops import service_metrics as metrics
+from recon_server.recon.methods import METHODS
+from recon_server.recon.pipeline import (
     ReconCancelled,
     ReconService,
     ReconWorker,
@@ -70,8 +67,11 @@ from recon_server.pipeline import (
     Sink,
     fallback_note,
 )
-from recon_server.recon.methods import METHODS
 from recon_server.scan import ImageVolume
+from recon_server.service import listener
+from recon_server.service.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
+from recon_server.service.journal import RECEIVING, Journal, JournalEntry, move_unique, safe_name_part
+from recon_server.service.journal import recover as journal_recover
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class StreamServer:
         return self.address
 
     def _accept_loop(self) -> listener.AcceptLoop:
-        """The shared accept loop (:mod:`recon_server.mrd.listener`) with this server's settings."""
+        """The shared accept loop (:mod:`recon_server.service.listener`) with this server's settings."""
         if self._sock is None:
             self.bind()
         assert self._sock is not None and self.address is not None
@@ -380,7 +380,7 @@ class StreamServer:
             time.sleep(0.05)
 
     def recover(self, reconciled: Iterable[str] = ()) -> None:
-        """Finish the journal left by an earlier process (:func:`recon_server.mrd.journal.recover`)."""
+        """Finish the journal left by an earlier process (:func:`recon_server.service.journal.recover`)."""
         if self.journal is None:
             return
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from recon_server import __version__
-from recon_server.config import AppConfig
-from recon_server.mrd.listener import liveness as listener_liveness
-from recon_server.ops import metrics
+from recon_server.ops import service_metrics as metrics
 from recon_server.ops.http import Check, OpsServer, spool_writable, thread_alive
-from recon_server.ops.metrics import REGISTRY, Sample
+from recon_server.ops.service_metrics import REGISTRY, Sample
+from recon_server.service.config import AppConfig
+from recon_server.service.listener import liveness as listener_liveness
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Layout of ``journal_dir`` (``[server] journal_dir``)::
 
-    <id>.h5      ISMRMRD raw file (:mod:`recon_server.data.ismrmrd_io` layout, replays with
+    <id>.h5      ISMRMRD raw file (:mod:`recon_server.mrd.ismrmrd_io` layout, replays with
                  ``recon-server replay``); acquisitions appended in batches as they arrive,
                  flushed and fsynced when the stream's CLOSE arrives
     <id>.json    the entry's record, replaced atomically (temp file, fsync, rename, fsync folder)
@@ -18,7 +18,7 @@ derived from what a client sent. An entry goes through::
       -> failed     (the stream broke, the scan could not be assembled or reconstructed)
 
 The record lists the volumes a reconstruction made (``planned``, keys from
-:func:`recon_server.pipeline.volume_key`) and those delivered to every sink (``delivered``);
+:func:`recon_server.recon.pipeline.volume_key`) and those delivered to every sink (``delivered``);
 a restart delivers only the rest. On ``serve`` start (:func:`recover`), an entry still
 ``receiving`` is kept as failed (an incomplete stream), a ``received`` one is reconstructed
 and delivered again, with the client's method and options, through the normal worker and
@@ -47,7 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from recon_server.data import ismrmrd_io
+from recon_server.mrd import ismrmrd_io
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def recover(journal: Journal, run: RunScans | None, *, reconciled: Iterable[str]
     delivery log); None when no output is configured (nothing could be delivered: kept as failed).
     ``reconciled``: tags of volumes whose series the DICOM spool finished.
     """
-    from recon_server.pipeline import ReconCancelled
+    from recon_server.recon.pipeline import ReconCancelled
 
     journal.reconciled |= set(reconciled)
     journal.clean_tmp()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server import options
+from recon_server.cli import options
 from recon_server.data.acquire import DEFAULT_SUBJECT_FILES, SUBJECT_FILES
 from recon_server.data.contrast import CONTRASTS
 

@@ -1,0 +1,1 @@
+"""The command line and service wiring: every subcommand, the service start-up, model loading."""
