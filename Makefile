@@ -47,7 +47,7 @@ unit: venv deps
 test: venv deps lint typecheck unit
 
 demo: venv deps
-	$(BIN)/python -m recon_server.cli.demo --out $(DEMO_OUT)
+	$(BIN)/recon-server demo --out $(DEMO_OUT)
 
 # The benchmarks that need no trained model; each prints a table with its command and machine.
 bench: venv deps

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     corpus = load_corpus()
-    methods.configure_diffusion(
+    diffusion = methods.DiffusionSettings(
         model_dir=ROOT / "models" / "flair-stroke-demo",
         overrides={
             "dps": {"steps": args.dps_steps},
@@ -82,7 +82,9 @@ def main() -> None:
             cells = []
             for method in args.methods:
                 t0 = time.perf_counter()
-                volume = pipeline.reconstruct_all(scan, method=method, fallback="zero-filled")[0]
+                volume = pipeline.reconstruct_all(
+                    scan, method=method, fallback="zero-filled", diffusion=diffusion
+                )[0]
                 error = nrmse(volume.magnitude, truth, mask=head, fit_scale=True)
                 fell_back = "fallback_from" in volume.provenance.settings
                 mark = f" ({volume.provenance.method})" if fell_back else ""

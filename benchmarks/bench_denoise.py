@@ -1,8 +1,8 @@
 """Denoising quality of trained priors on held-out target slices: the paper's comparison.
 
 For each checkpoint, ``PSNR(D(x + sigma n; sigma, contrast), x)`` at sigma 0.1, 0.5, 1 with fixed
-noise (:func:`recon_server.training.train.validate`: complex error, peak of the clean magnitude, mean over
-slices), on the slices of ``--contrast`` in a prepared held-out directory (subjects none of the
+noise (:func:`recon_server.training.validation.validate`: complex error, peak of the clean magnitude,
+mean over slices), on the slices of ``--contrast`` in a prepared held-out directory (subjects none of the
 models trained on). Expected ordering (arXiv 2603.13007): pre-trained + fine-tuned on 20 close to
 "many", clearly above "scratch-20" and above "joint".
 
@@ -34,8 +34,8 @@ from recon_server.dpm.edm import SIGMA_DATA
 from recon_server.dpm.unet import normalise_contrast
 from recon_server.machine import describe as describe_machine
 from recon_server.recon.classic import soft_threshold, wavelet_forward, wavelet_inverse
-from recon_server.training.train import VAL_SIGMAS, validate
 from recon_server.training.trainset import Subset, open_training_set
+from recon_server.training.validation import VAL_SIGMAS, validate
 
 THRESHOLDS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # x sigma, swept per sigma (oracle)
 

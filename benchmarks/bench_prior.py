@@ -32,7 +32,7 @@ from tune_sampler import Case, prepare
 
 from recon_server.machine import describe as describe_machine
 from recon_server.recon.coils import calibration_region, espirit_maps
-from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
+from recon_server.recon.methods import DiffusionSettings, ReconProblem, run_method
 from recon_server.research import quality as metrics
 from recon_server.research.bart import bart_binary, pics
 from recon_server.research.evaluate import find_subjects, lesion_contrast, scale_fit
@@ -77,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
     if not args.colin_flair and args.data is None:
         p.error("give --data DIR or --colin-flair N")
-    configure_diffusion(model_dir=args.model)
+    diffusion = DiffusionSettings(model_dir=args.model)
     lambdas = [float(v) for v in args.bart_lambdas.split(",") if v]
     have_bart = bart_binary() is not None and bool(lambdas)
     subjects = [] if args.colin_flair else find_subjects(args.data, limit=args.subjects)
@@ -100,7 +100,7 @@ def main() -> int:
             n = case.problem.kspace.shape[0]
             for method in ("cg-sense", "l1-wavelet", "dps-fast"):
                 start = time.perf_counter()
-                image = run_method(method, case.problem).image.abs().numpy()
+                image = run_method(method, case.problem, diffusion=diffusion).image.abs().numpy()
                 sec = (time.perf_counter() - start) / n
                 rows.setdefault(method, []).append({**scores(image, case), "s": sec})
             if have_bart:

@@ -32,7 +32,7 @@ import torch
 
 from recon_server.dpm.checkpoint import read_card, update_card_sampler_defaults
 from recon_server.machine import describe as describe_machine
-from recon_server.recon.methods import ReconProblem, configure_diffusion, run_method
+from recon_server.recon.methods import DiffusionSettings, ReconProblem, run_method
 from recon_server.recon.pipeline import coil_maps, prewhitened, recon_problem
 from recon_server.research import quality as metrics
 from recon_server.research.evaluate import find_subjects, load_subject, undersample
@@ -89,10 +89,10 @@ def prepare(path: Path, accel: int, slices: int, contrast: str | None) -> Case:
     return Case(f"{path.name} R={accel}", problem, subject.reference, subject.labels, rows)
 
 
-def score(method: str, cases: list[Case]) -> tuple[float, float]:
+def score(method: str, cases: list[Case], diffusion: DiffusionSettings) -> tuple[float, float]:
     values, start = [], time.perf_counter()
     for case in cases:
-        image = run_method(method, case.problem).image.abs().numpy()
+        image = run_method(method, case.problem, diffusion=diffusion).image.abs().numpy()
         values.append(metrics.nrmse(image, case.truth, fit_scale=True))
     slices = sum(c.problem.kspace.shape[0] for c in cases)
     return statistics.fmean(values), (time.perf_counter() - start) / slices
@@ -120,7 +120,7 @@ def main() -> int:
     torch.manual_seed(0)
     grid = parse_grid(args.grid)
     base = {k: v[0] for k, v in parse_grid(args.base).items()}
-    configure_diffusion(model_dir=args.model)
+    diffusion = DiffusionSettings(model_dir=args.model)
     accels = [int(a) for a in args.accels.split(",")]
     subjects = find_subjects(args.data, limit=args.subjects)
     print(f"command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  ")
@@ -132,20 +132,19 @@ def main() -> int:
         cases = [prepare(s, accel, args.slices, args.contrast) for s in subjects]
         rows = []
         for method in ("cg-sense", "l1-wavelet"):
-            nrmse, sec = score(method, cases)
+            nrmse, sec = score(method, cases, diffusion)
             rows.append((method, nrmse, sec))
             report["baselines"][f"{accel}/{method}"] = nrmse  # type: ignore[index]
         keys = list(grid)
         results = []
         for values in itertools.product(*(grid[k] for k in keys)):
             settings = {**base, **dict(zip(keys, values, strict=True))}
-            configure_diffusion(overrides={"dps-fast": settings})
-            nrmse, sec = score("dps-fast", cases)
+            trial = replace(diffusion, overrides={"dps-fast": settings})
+            nrmse, sec = score("dps-fast", cases, trial)
             results.append((settings, nrmse, sec))
             label = ", ".join(f"{k}={v}" for k, v in settings.items())
             rows.append((f"dps-fast {label}", nrmse, sec))
             print(f"  R={accel} {label}: {nrmse:.4f} ({sec:.2f} s/slice)", file=sys.stderr, flush=True)
-        configure_diffusion(overrides={})
         l1 = report["baselines"][f"{accel}/l1-wavelet"]  # type: ignore[index]
         print(f"### R = {accel}\n\n| method | NRMSE | / L1 | s per slice |\n|---|---:|---:|---:|")
         for name, nrmse, sec in sorted(rows, key=lambda r: r[1]):

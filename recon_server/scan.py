@@ -8,8 +8,11 @@ Positions and directions are in the ISMRMRD patient coordinate system (LPS, mill
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+
+from recon_server.scan_header import ScanHeader, parse_header
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ class KSpaceScan:
     measurement_uid: int = 0
     raw_digest: str = ""
 
+    @cached_property
+    def header(self) -> ScanHeader:
+        """The header's typed fields (protocol name, patient, sequence...), parsed on first use."""
+        return parse_header(self.header_xml)
+
 
 @dataclass
 class Provenance:
@@ -108,3 +116,8 @@ class ImageVolume:
     role: str = "image"
     measurement_uid: int = 0
     raw_digest: str = ""
+
+    @cached_property
+    def header(self) -> ScanHeader:
+        """The scan header's typed fields (what the DICOM writer needs), parsed on first use."""
+        return parse_header(self.header_xml)

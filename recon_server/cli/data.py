@@ -1,20 +1,31 @@
-"""Subcommands of the data area: ``simulate`` (brain simulator -> subject files) and ``prepare-data``."""
+"""Subcommands of the data area: ``simulate`` (brain simulator -> subject files) and ``prepare-data``.
+
+The simulator imports torch: it is imported in the handlers, not here (``recon_server.cli.main``
+builds its parser without torch).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from recon_server.cli import options
-from recon_server.data.acquire import DEFAULT_SUBJECT_FILES, SUBJECT_FILES
 from recon_server.data.contrast import CONTRASTS
 
 log = logging.getLogger(__name__)
+
+#: ``recon_server.data.acquire.SUBJECT_FILES`` / ``DEFAULT_SUBJECT_FILES`` (that module imports
+#: torch; a unit test keeps these equal).
+SUBJECT_FILES = ("raw", "reference", "truth", "labels")
+DEFAULT_SUBJECT_FILES = ("raw", "reference", "truth")
 
 
 def _files(text: str) -> tuple[str, ...]:
@@ -29,7 +40,7 @@ def _files(text: str) -> tuple[str, ...]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = options.HelpFormatter
     sim = subparsers.add_parser(
         "simulate", help="simulate brain MRI subjects (ISMRMRD raw + reference + truth)", formatter_class=fmt
     )
@@ -38,9 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--first-subject", type=int, default=0, help="index of the first subject (sharding)")
     sim.add_argument("--contrast", default="FLAIR", help=f"one of {', '.join(CONTRASTS)}")
     sim.add_argument("--lesions", action="store_true", help="add ischaemic stroke lesions")
-    sim.add_argument("--lesion-count", type=int, default=None, help="lesions per subject (default 1-3)")
+    sim.add_argument(
+        "--lesion-count", type=int, default=None, help="lesions per subject (default: drawn, 1-3)"
+    )
     sim.add_argument("--accel", type=options.positive_int, default=4, help="acceleration of raw.h5")
-    sim.add_argument("--center-fraction", type=float, default=None, help="ACS fraction (fastMRI default)")
+    sim.add_argument(
+        "--center-fraction",
+        type=float,
+        default=None,
+        help="ACS fraction (default: fastMRI's for --accel, 0.08 up to R=4, 0.04 above)",
+    )
     sim.add_argument(
         "--acs-calibration-only",
         action="store_true",
@@ -50,14 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--coils", type=options.positive_int, default=16)
     sim.add_argument("--slices", type=options.positive_int, default=16)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--snr", type=float, default=None, help="white-matter SNR (default drawn 30-40)")
+    sim.add_argument("--snr", type=float, default=None, help="white-matter SNR (default: drawn, 30-40)")
     sim.add_argument("--fov", type=float, default=240.0, help="field of view (mm)")
     sim.add_argument("--thickness", type=float, default=5.0, help="slice thickness (mm)")
     sim.add_argument("--oversampling", type=int, default=2, choices=(1, 2), help="readout oversampling")
     sim.add_argument("--tilt", type=float, default=0.0, help="oblique tilt about the readout axis (deg)")
-    sim.add_argument("--tr", type=float, default=None, help="TR (ms), overrides the protocol draw")
-    sim.add_argument("--te", type=float, default=None, help="TE (ms)")
-    sim.add_argument("--ti", type=float, default=None, help="TI (ms, FLAIR; default nulls CSF)")
+    sim.add_argument("--tr", type=float, default=None, help="TR (ms; default: drawn per protocol)")
+    sim.add_argument("--te", type=float, default=None, help="TE (ms; default: drawn per protocol)")
+    sim.add_argument("--ti", type=float, default=None, help="TI (ms, FLAIR; default: nulls CSF)")
     sim.add_argument(
         "--files",
         type=_files,
@@ -73,14 +91,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--source", required=True, choices=("simulated", "fastmri", "ismrmrd"))
     prep.add_argument("input", type=Path, help="input directory (or one file)")
     prep.add_argument("--out", required=True, type=Path, help="output directory (slices.npy, index.json)")
-    prep.add_argument("--size", type=int, default=None, help="crop/pad to size x size (default: first scan)")
+    prep.add_argument(
+        "--size", type=int, default=None, help="crop/pad to size x size (default: the first scan's)"
+    )
     prep.add_argument("--center-fraction", type=float, default=0.08, help="ACS fraction for maps and scale")
-    prep.add_argument("--contrast", default=None, help="contrast label when the files do not give one")
+    prep.add_argument(
+        "--contrast", default=None, help=f"contrast label when the files give none ({', '.join(CONTRASTS)})"
+    )
     prep.set_defaults(func=run_prepare)
 
 
+def _say(command: str, text: str) -> None:
+    print(f"recon-server {command}: {text}", file=sys.stderr, flush=True)
+
+
 def run_simulate(args: argparse.Namespace) -> int:
-    """``recon-server simulate``: one ``sub-XXX/`` directory per subject."""
+    """``recon-server simulate``: one ``sub-XXX/`` directory per subject; a progress line on
+    stderr per subject, and a warning when ``--lesions`` left a slab without lesion voxels."""
     from recon_server.data import acquire
 
     config = acquire.SimulationConfig(
@@ -105,14 +132,28 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.first_subject < 0:
         raise ValueError(f"--first-subject must be >= 0, got {args.first_subject}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for index in range(args.first_subject, args.first_subject + args.subjects):
+    total = args.subjects
+    started = time.perf_counter()
+    for done, index in enumerate(range(args.first_subject, args.first_subject + total), start=1):
         start = time.perf_counter()
         subject = acquire.simulate_subject(config, seed=args.seed, index=index)
         acquire.write_subject(subject, args.out / subject.subject_id, files=args.files)
-        log.info("%s: %s in %.1f s", subject.subject_id, config.contrast, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        _say(
+            "simulate",
+            f"subject {done}/{total}: {subject.subject_id} ({config.contrast}) in {seconds:.1f} s, "
+            f"{time.perf_counter() - started:.1f} s elapsed",
+        )
+        if args.lesions and not subject.metadata.get("lesion_voxels"):
+            drawn = int(subject.metadata.get("lesion_count", 0) or 0)
+            _say(
+                "simulate",
+                f"warning: {subject.subject_id}: the slab holds no lesion voxels "
+                f"({drawn} lesion(s) drawn, none inside the {config.slices} slices)",
+            )
     if args.preview:
         path = write_preview(config, args.out / "preview.png", seed=args.seed, index=args.first_subject)
-        log.info("preview: %s", path)
+        _say("simulate", f"preview: {path}")
     return 0
 
 
@@ -120,12 +161,8 @@ def write_preview(config: object, path: Path, *, seed: int, index: int) -> Path:
     """PNG contact sheet: one slice of one subject in every contrast (columns), without and with
     lesions (rows), noiseless magnitude. The slice is the one where the lesions change the FLAIR
     image most, so a person sees them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from recon_server.data import acquire
+    from recon_server.research.preview import Panel, write_titled_sheet
 
     assert isinstance(config, acquire.SimulationConfig)
     images: dict[tuple[str, bool], np.ndarray] = {}
@@ -137,23 +174,25 @@ def write_preview(config: object, path: Path, *, seed: int, index: int) -> Path:
             images[label, lesions] = np.abs(acquire.simulate_subject(cfg, seed=seed, index=index).truth)
     change = np.abs(images["FLAIR", True] - images["FLAIR", False]).sum(axis=(1, 2))
     shown = int(np.argmax(change)) if change.max() > 0 else config.slices // 2
-    fig, axes = plt.subplots(2, len(CONTRASTS), figsize=(3 * len(CONTRASTS), 6.4), facecolor="black")
-    for col, label in enumerate(CONTRASTS):
-        for row, lesions in enumerate((False, True)):
-            image = images[label, lesions][shown]
-            ax = axes[row, col]
-            ax.imshow(image, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)))
-            ax.set_title(f"{label}{' + lesions' if lesions else ''}", color="white", fontsize=10)
-            ax.axis("off")
-    fig.suptitle(f"recon-server simulate: sub-{index:03d}, seed {seed}, slice {shown}", color="white")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, facecolor="black", metadata={"Software": "recon-server"})
-    plt.close(fig)
-    return path
+    panels = [
+        Panel(images[label, lesions][shown], f"{label}{' + lesions' if lesions else ''}")
+        for lesions in (False, True)
+        for label in CONTRASTS
+    ]
+    return write_titled_sheet(
+        path,
+        panels,
+        columns=len(CONTRASTS),
+        title=f"recon-server simulate: sub-{index:03d}, seed {seed}, slice {shown}",
+    )
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """``recon-server prepare-data``: slices.npy + index.json in ``--out``."""
+    """``recon-server prepare-data``: slices.npy + index.json in ``--out``.
+
+    The files are prepared in a hidden folder beside ``--out`` and renamed into it at the end:
+    a failure (a bad input file, an interrupt) leaves ``--out`` as it was and no temporary file.
+    """
     from recon_server.data import slices
 
     contrast = args.contrast.upper() if args.contrast else None
@@ -161,14 +200,23 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown contrast {args.contrast!r}: expected one of {', '.join(CONTRASTS)}")
     if args.size is not None and (args.size < 8 or args.size % 2):
         raise ValueError(f"--size must be an even number >= 8, got {args.size}")
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    index = slices.prepare_dataset(
-        slices.iter_scans(args.source, args.input, contrast=contrast),
-        args.out,
-        size=args.size,
-        center_fraction=args.center_fraction,
-    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        index = slices.prepare_dataset(
+            slices.iter_scans(args.source, args.input, contrast=contrast),
+            staging,
+            size=args.size,
+            center_fraction=args.center_fraction,
+        )
+        out.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            item.replace(out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     records = index["slices"]
     assert isinstance(records, list)
-    log.info("prepared %d slices in %.1f s -> %s", len(records), time.perf_counter() - start, args.out)
+    log.info("prepared %d slices in %.1f s -> %s", len(records), time.perf_counter() - start, out)
     return 0

@@ -1,4 +1,4 @@
-"""``make demo``: a 2x-accelerated stroke FLAIR scan from simulation to DICOM, with quality numbers.
+"""``recon-server demo`` (``make demo``): a 2x stroke FLAIR scan from simulation to DICOM, with quality.
 
 Stages (each through the project's public commands, as a user would run them):
 
@@ -14,7 +14,11 @@ Stages (each through the project's public commands, as a user would run them):
    the shipped diffusion model (``dps-fast``) when ``models/flair-stroke-demo`` is installed,
    CG-SENSE otherwise, and says which.
 5. DICOM: the series the server wrote, checked with ``dciodvfy`` when dicom3tools is installed.
-6. ``preview.png``: truth | reconstruction | 5x error, for three slices.
+6. ``preview.png``: truth | reconstruction | 5x error, for three slices, each titled (method,
+   slice, NRMSE of that slice).
+
+The reconstruction and metric modules (torch) are imported when the demo runs, not when
+``recon-server`` builds its parser.
 """
 
 from __future__ import annotations
@@ -30,10 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_server.cli import main as cli
-from recon_server.recon.methods import model_directory
-from recon_server.research import quality as metrics
-from recon_server.research.preview import magnitude_grid, write_png
+from recon_server.cli import options
 
 SERVER_START_TIMEOUT_S = 120.0
 
@@ -45,7 +46,7 @@ def _stage(title: str) -> float:
 
 def start_server(args: Sequence[str]) -> tuple[subprocess.Popen[str], int]:
     """Start ``recon-server serve`` on a free port; returns the process and the port it bound."""
-    cmd = [sys.executable, "-m", "recon_server.cli.main", "serve", "--port", "0", "--http-port", "0", *args]
+    cmd = [sys.executable, "-m", "recon_server.cli", "serve", "--port", "0", "--http-port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -75,7 +76,9 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 def quality_rows(images: dict[str, np.ndarray], truth: np.ndarray) -> list[tuple[str, float, float, float]]:
     """(name, NRMSE, PSNR, SSIM) per reconstruction, in the head mask with a scale fit."""
-    mask = truth > 0.05 * float(np.percentile(truth, 99.5))
+    from recon_server.research import quality as metrics
+
+    mask = head_mask(truth)
     return [
         (
             name,
@@ -101,12 +104,19 @@ def offline_baselines(raw: Path, methods: Sequence[str]) -> dict[str, np.ndarray
     return {m: np.concatenate([reconstruct(s, method=m).magnitude for s in scans]) for m in methods}
 
 
+def head_mask(truth: np.ndarray) -> np.ndarray:
+    """The pixels the quality numbers count: above 5 % of the truth's 99.5th percentile."""
+    return truth > 0.05 * float(np.percentile(truth, 99.5))
+
+
 def default_method() -> tuple[str, str]:
     """(method, why): the shipped diffusion model's fast sampler when it is installed, else CG-SENSE."""
-    card = model_directory() / "card.json"
-    if card.is_file():
-        return "dps-fast", f"the shipped diffusion model ({model_directory().name})"
-    return "cg-sense", f"no diffusion model at {model_directory()}: CG-SENSE instead of DPS"
+    from recon_server.recon.methods import DiffusionSettings
+
+    model = DiffusionSettings().model_directory()
+    if (model / "card.json").is_file():
+        return "dps-fast", f"the shipped diffusion model ({model.name})"
+    return "cg-sense", f"no diffusion model at {model}: CG-SENSE instead of DPS"
 
 
 def validate_dicom(files: list[Path]) -> str:
@@ -121,19 +131,35 @@ def validate_dicom(files: list[Path]) -> str:
     return f"dciodvfy: {errors} errors in {len(files)} files"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recon_server.cli.demo", description=__doc__.splitlines()[0]
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``recon-server`` parser."""
+    p = subparsers.add_parser(
+        "demo",
+        help="simulate a 2x stroke FLAIR scan, reconstruct it through the server, check the DICOM",
+        description=(__doc__ or "").splitlines()[0].replace("``", ""),
+        formatter_class=options.HelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--coils", type=int, default=16)
-    parser.add_argument("--slices", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument(
-        "--method", default=None, help="the server's FLAIR reconstruction (default: dps-fast with the model)"
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (replaced)")
+    p.add_argument("--matrix", type=int, default=256, help="in-plane matrix of the simulated scan")
+    p.add_argument("--coils", type=int, default=16, help="receive coils")
+    p.add_argument("--slices", type=int, default=8, help="slices")
+    p.add_argument("--seed", type=int, default=2026, help="simulator seed")
+    p.add_argument(
+        "--method",
+        default=None,
+        help=f"the server's FLAIR reconstruction, one of {options.METHOD_LIST} "
+        "(default: dps-fast when the shipped model is installed, else cg-sense)",
     )
-    args = parser.parse_args(argv)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``recon-server demo``: the stages of the module docstring; exit 0 when all passed."""
+    from recon_server.cli import main as cli
+    from recon_server.recon.methods import DiffusionSettings
+    from recon_server.research import quality as metrics
+    from recon_server.research.preview import Panel, write_titled_sheet
+
     out: Path = args.out
     if args.method is None:
         args.method, why = default_method()
@@ -156,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = _stage(f"2. start the MRD stream server (FLAIR -> {args.method}, DICOM -> {out / 'dicom'})")
     serve_args = ["--method-for", f"FLAIR={args.method}", "--dicom-dir", str(out / "dicom")]
     if args.method.startswith("dps"):
-        serve_args += ["--model-dir", str(model_directory())]
+        serve_args += ["--model-dir", str(DiffusionSettings().model_directory())]
     server, port = start_server(serve_args)
     try:
         t = _stage(f"3. stream {subject / 'raw.h5'} to 127.0.0.1:{port}")
@@ -180,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| reconstruction | NRMSE | PSNR (dB) | SSIM |\n|---|---|---|---|")
     for name, e, p, s in rows:
         print(f"| {name} | {e:.4f} | {p:.2f} | {s:.4f} |")
-    print("(magnitude, head mask, least-squares scale fit; see recon_server/metrics.py)")
+    print("(magnitude, head mask, least-squares scale fit; see recon_server/research/quality.py)")
     timings["quality"] = time.perf_counter() - t
 
     _stage("5. DICOM written by the server")
@@ -193,16 +219,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _stage("6. preview")
     picks = np.linspace(0, truth.shape[0] - 1, 3).round().astype(int)
+    mask = head_mask(truth)
     panels = []
     for k in picks:
         scale = float(np.vdot(recon[k], truth[k]).real / max(np.vdot(recon[k], recon[k]).real, 1e-12))
-        panels += [truth[k], scale * recon[k], 5 * np.abs(scale * recon[k] - truth[k])]
-    png = write_png(out / "preview.png", magnitude_grid(np.stack(panels), columns=3, scale="shared"))
+        error = metrics.nrmse(recon[k], truth[k], mask=mask[k], fit_scale=True)
+        white = float(np.percentile(truth[k], 99.5)) or 1.0  # one grey scale per row
+        panels += [
+            Panel(truth[k], f"truth, slice {k}", white),
+            Panel(scale * recon[k], f"{args.method}, slice {k}, NRMSE {error:.3f}", white),
+            Panel(5 * np.abs(scale * recon[k] - truth[k]), f"5x |error|, slice {k}", white),
+        ]
+    png = write_titled_sheet(
+        out / "preview.png",
+        panels,
+        columns=3,
+        title=f"recon-server demo: 2x stroke FLAIR, {args.method} (server) vs noiseless truth",
+    )
     print(f"{png}: rows = slices {picks.tolist()}; columns = truth | {args.method} | 5x |error|")
 
     print("\n== timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

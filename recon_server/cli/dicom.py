@@ -2,19 +2,20 @@
 
 Exit codes: 0 success, 1 the PACS refused or could not be reached (message on stderr),
 2 bad options (raised as ValueError and reported by ``recon-server``).
+
+pydicom, pynetdicom and the spool are imported in the handlers: ``recon-server`` builds its
+parser without them (and without torch), so ``recon-server pacs-echo`` starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from pydicom import dcmread
-
+from recon_server.cli import options
 from recon_server.dicom.config import DicomConfig, PacsDestination, RetryPolicy, TlsConfig
-from recon_server.dicom.sender import PacsSender, echo
-from recon_server.dicom.spool import Spool
 
 
 def _add_destination_args(parser: argparse.ArgumentParser) -> None:
@@ -66,14 +67,31 @@ def _config(args: argparse.Namespace, dest: PacsDestination) -> DicomConfig:
     )
 
 
+def _quiet_pynetdicom() -> None:
+    """pynetdicom logs each failed association on two ERROR lines of its own ("TCP Initialisation
+    Error: ..."); these commands report the failure once, naming the PACS. Its log stays on
+    with ``--log-level DEBUG``."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
 def _cmd_echo(args: argparse.Namespace) -> int:
+    from recon_server.dicom.sender import echo
+
+    _quiet_pynetdicom()
     dest = _destination(args)
     result = echo(dest, _config(args, dest))
-    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    if result.ok:
+        print(result.message)
+    else:
+        print(f"recon-server pacs-echo: error: {result.message}", file=sys.stderr)
     return 0 if result.ok else 1
 
 
 def _drain(args: argparse.Namespace, config: DicomConfig) -> int:
+    from recon_server.dicom.sender import PacsSender
+
+    _quiet_pynetdicom()
     sender = PacsSender(config)
     timeout = None if args.forever else args.drain_timeout
     report = sender.drain(timeout_s=timeout)
@@ -87,6 +105,10 @@ def _drain(args: argparse.Namespace, config: DicomConfig) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from recon_server.dicom.spool import Spool
+
     dest = _destination(args)
     config = _config(args, dest)
     spool = Spool(config.spool_dir)
@@ -107,6 +129,8 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_requeue(args: argparse.Namespace) -> int:
+    from recon_server.dicom.spool import Spool
+
     count = Spool(args.spool_dir).requeue(args.name)
     print(f"moved {count} quarantined images of {args.name} back to pending")
     return 0
@@ -130,7 +154,7 @@ def _add_drain_args(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = options.HelpFormatter
     p = subparsers.add_parser("pacs-echo", help="C-ECHO a PACS (exit 0 if it answers)", formatter_class=fmt)
     _add_destination_args(p)
     p.set_defaults(func=_cmd_echo)
@@ -206,26 +230,3 @@ def output_config(args: argparse.Namespace) -> DicomConfig | None:
         destinations=destinations,
         allow_missing_identifiers=args.allow_missing_identifiers,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m recon_server.cli.dicom``: this area's subcommands without the rest of
-    ``recon-server`` (starts faster: no torch import); same options and exit codes."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="python -m recon_server.cli.dicom")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return int(args.func(args))
-    except (ValueError, OSError) as exc:
-        print(f"{args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from recon_server.cli import options
+
 log = logging.getLogger(__name__)
 
 # Relative error allowed between ONNX Runtime and torch in float32 (the equivalence tests use
@@ -23,7 +25,7 @@ EXPORT_TOLERANCE = 1e-3
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = options.HelpFormatter
     p = subparsers.add_parser("config", help="check a configuration file", formatter_class=fmt)
     sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     c = sub.add_parser("check", help="validate FILE and print a summary (exit 0) or the bad field (2)")
@@ -50,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from recon_server.recon.methods import METHODS
-    from recon_server.service.config import ConfigError, load_config
+    from recon_server.service.config import ConfigError
+    from recon_server.service.config_file import load_config
 
     try:
         config = load_config(args.file, known_methods=METHODS)

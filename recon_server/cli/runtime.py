@@ -25,9 +25,10 @@ from typing import Any
 from recon_server import __version__
 from recon_server.ops import service_metrics as metrics
 from recon_server.ops.http import Check, OpsServer, spool_writable, thread_alive
-from recon_server.ops.service_metrics import REGISTRY, Sample
+from recon_server.ops.service_metrics import REGISTRY, Sample, SampleCollector
 from recon_server.service.config import AppConfig
 from recon_server.service.listener import liveness as listener_liveness
+from recon_server.service.worker import ReconWorker
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def gpu_samples() -> list[Sample]:
 class ModelLoader:
     """Loads the configured model in a background thread so liveness answers at once."""
 
-    def __init__(self, app: AppConfig) -> None:
+    def __init__(self, app: AppConfig, on_denoiser: Callable[[Any], None] | None = None) -> None:
         self.app = app
+        self.on_denoiser = on_denoiser  # takes an injected (ONNX Runtime) denoiser once loaded
         self.state = "not configured"
         self.ok = app.service.model_dir is None
         self.denoiser: Any = None
@@ -93,21 +95,16 @@ class ModelLoader:
 
     def start(self) -> ModelLoader:
         if self.app.service.model_dir is not None:
-            from recon_server.recon.methods import configure_diffusion
-
-            configure_diffusion(model_dir=self.app.service.model_dir, device=self.app.service.device)
             self.state = "loading"
             self._thread = threading.Thread(target=self._load, name="model-load", daemon=True)
             self._thread.start()
         else:
-            metrics.INFO.set(1, version=__version__, backend=self.app.service.backend, provider="none")
+            metrics.INFO.labels(version=__version__, backend=self.app.service.backend, provider="none").set(1)
         return self
 
     def _load(self) -> None:
         from recon_server.dpm.onnx import OnnxDenoiser, load_denoiser
         from recon_server.recon.engine import load_model
-        from recon_server.recon.methods import configure_diffusion
-
         s = self.app.service
         t0 = time.perf_counter()
         try:
@@ -120,7 +117,8 @@ class ModelLoader:
                     providers=s.onnx_providers or None,
                 )
                 # The no-backprop samplers run on the injected ONNX Runtime denoiser.
-                configure_diffusion(model_dir=s.model_dir, denoiser=self.denoiser)
+                if self.on_denoiser is not None:
+                    self.on_denoiser(self.denoiser)
             else:
                 # Warms the engine's model cache: the first scan does not pay the load.
                 self.denoiser, _ = load_model(s.model_dir, s.device)  # type: ignore[arg-type]
@@ -129,7 +127,7 @@ class ModelLoader:
             log.error("model %s did not load: %s", s.model_dir, exc)
             return
         provider = self.denoiser.provider if isinstance(self.denoiser, OnnxDenoiser) else f"torch:{s.device}"
-        metrics.INFO.set(1, version=__version__, backend=s.backend, provider=provider)
+        metrics.INFO.labels(version=__version__, backend=s.backend, provider=provider).set(1)
         self.state = f"loaded {s.model_dir} on {provider} in {time.perf_counter() - t0:.1f} s"
         self.ok = True
         log.info("model %s", self.state)
@@ -163,18 +161,20 @@ def readiness_checks(
 
 
 def start_ops(
-    app: AppConfig, *, worker: object, sender: object | None = None
+    app: AppConfig, *, worker: ReconWorker, sender: object | None = None
 ) -> tuple[OpsServer | None, ModelLoader, Callable[[], None]]:
     """Start the model pre-load, register collectors and (unless disabled) the HTTP endpoint.
 
     Returns ``(server or None, loader, stop)``.
     """
-    model = ModelLoader(app).start()
+    model = ModelLoader(app, worker.use_denoiser).start()
     if app.dicom is not None and app.dicom.destinations:
         dicom = app.dicom
         names = [d.name for d in dicom.destinations]
-        REGISTRY.add_collector("spool", SPOOL_HELP, lambda: spool_samples(dicom.spool_dir, names))
-    REGISTRY.add_collector("gpu", GPU_HELP, gpu_samples)
+        REGISTRY.add_collector(
+            "spool", SampleCollector(SPOOL_HELP, lambda: spool_samples(dicom.spool_dir, names))
+        )
+    REGISTRY.add_collector("gpu", SampleCollector(GPU_HELP, gpu_samples))
     if app.ops.http_port is None:
         return None, model, lambda: None
     server = OpsServer(

@@ -1,4 +1,4 @@
-"""Subcommands ``serve``, ``replay`` and ``recon`` (registered into ``recon-server``)."""
+"""Subcommand ``serve``: the configuration it runs with, the service start-up and the shutdown."""
 
 from __future__ import annotations
 
@@ -20,48 +20,14 @@ from recon_server.cli import options
 from recon_server.cli.dicom import add_output_args, output_config
 from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
 from recon_server.scan import ImageVolume
-from recon_server.service.config import (
-    DEFAULT_PORT,
-    MAX_POSTERIOR_SAMPLES,
-    AppConfig,
-    ServiceConfig,
-    device_unavailable,
-    load_config,
-)
+from recon_server.service.config import DEFAULT_PORT, AppConfig, ServiceConfig, device_unavailable
+from recon_server.service.config_file import load_config
 
 log = logging.getLogger(__name__)
 
 
-def _samples(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_POSTERIOR_SAMPLES:
-        raise argparse.ArgumentTypeError(f"samples must be in 1..{MAX_POSTERIOR_SAMPLES}, got {value}")
-    return value
-
-
-def _size(text: str) -> int:
-    """Bytes: an integer, or with a K / M / G / T suffix (powers of 1024)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    body = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = units.get(body[-1:], 1)
-    try:
-        value = int(float(body[:-1] if scale > 1 else body) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected bytes such as 4G or 4294967296, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def _contrast_method(text: str) -> tuple[str, str]:
-    contrast, sep, method = text.partition("=")
-    if not sep or not contrast or not method:
-        raise argparse.ArgumentTypeError(f"expected CONTRAST=METHOD, got {text!r}")
-    return contrast.strip().upper(), method.strip()
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands to the ``recon-server`` parser."""
+    """Add ``serve`` to the ``recon-server`` parser."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "serve",
@@ -85,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default=None, help="default reconstruction method (cg-sense)")
     p.add_argument(
         "--method-for",
-        type=_contrast_method,
+        type=options.contrast_method,
         action="append",
         default=[],
         metavar="CONTRAST=METHOD",
@@ -138,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-scan-bytes",
-        type=_size,
+        type=options.byte_size,
         default=None,
         help="k-space one stream may make the server hold, e.g. 2G (server.limits.max_scan_bytes: 4G)",
     )
@@ -152,59 +118,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", choices=["text", "json"], default=None, help="log line format (text)")
     add_output_args(p)
     p.set_defaults(func=cmd_serve)
-
-    p = subparsers.add_parser("replay", help="stream an ISMRMRD raw file to a server", formatter_class=fmt)
-    p.add_argument("file", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=options.port, default=DEFAULT_PORT)
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="folder for images_<series>.npy (one per series), images.npy (one size) and images.h5",
-    )
-    p.add_argument("--method", default=None, help="ask the server for this method")
-    p.add_argument(
-        "--samples", type=_samples, default=None, help="ask for posterior samples (mean + SD map, sd.npy)"
-    )
-    p.add_argument("--config-name", default="default", help="CONFIG_FILE name sent first")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_replay)
-
-    p = subparsers.add_parser(
-        "recon", help="reconstruct an ISMRMRD raw file without a server", formatter_class=fmt
-    )
-    p.add_argument("file", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="folder for images.npy and images.h5")
-    p.add_argument("--method", default=None, help="method (default: per contrast, cg-sense)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model-dir", type=Path, default=None, help="checkpoint of the diffusion methods")
-    p.add_argument(
-        "--backend",
-        choices=["torch", "onnx"],
-        default="torch",
-        help="denoiser backend of the no-backprop diffusion methods (onnx: MODEL_DIR/denoiser.onnx)",
-    )
-    p.add_argument(
-        "--samples",
-        type=_samples,
-        default=None,
-        help="posterior samples of a diffusion method: mean image + SD map (sd.npy, a second series)",
-    )
-    p.add_argument("--onnx-file", type=Path, default=None, help="ONNX file for --backend onnx")
-    p.add_argument(
-        "--contrast", default=None, help="contrast label (FLAIR, T1, ...) when the header names none"
-    )
-    p.add_argument(
-        "--calibration-lines",
-        choices=CALIBRATION_LINE_MODES,
-        default="auto",
-        help="calibration-only lines: data as well (auto: unless calibrationMode is separate), "
-        "or calibration only (the pure imaging grid)",
-    )
-    add_output_args(p)
-    p.add_argument("--send-timeout", type=float, default=60.0, help="seconds to try sending to the PACS")
-    p.set_defaults(func=cmd_recon)
 
 
 def volume_npy_sink(out_dir: Path):  # type: ignore[no-untyped-def]
@@ -284,10 +197,10 @@ def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[Image
 
     def timed(volume: ImageVolume) -> None:
         try:
-            with STAGES.time(stage=f"output:{stage}"):
+            with STAGES.labels(stage=f"output:{stage}").time():
                 sink(volume)
         except (ValueError, OSError) as exc:
-            ERRORS.inc(where=f"output:{stage}", error=type(exc).__name__)
+            ERRORS.labels(where=f"output:{stage}", error=type(exc).__name__).inc()
             raise
 
     timed.__name__ = stage
@@ -300,10 +213,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recon_server.dicom.spool import Spool
     from recon_server.ops.http import queue_ready
     from recon_server.ops.logs import configure_logging
-    from recon_server.recon.pipeline import ReconWorker
     from recon_server.service.gadget import GadgetronListener
     from recon_server.service.journal import Journal
     from recon_server.service.server import StreamServer
+    from recon_server.service.worker import worker_for
 
     app = serve_config(args)
     config = app.service
@@ -351,12 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             failed_dir=config.failed_scans_dir,
             on_release=spool.release if spool is not None else None,
         )
-    worker = ReconWorker(
-        device=config.device,
-        max_pending=config.max_pending_scans,
-        fallback=config.fallback_method,
-        time_limit=config.time_limit_for,
-    )
+    worker = worker_for(config)
     ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=sender)
     if ops_server is not None:
         ops_server.checks["recon_queue"] = queue_ready(worker, config.ready_queue_threshold)
@@ -435,106 +343,4 @@ def _shutdown(
     loader.wait(10.0)  # a model still loading runs torch too
     stop_ops()
     log.info("stopped")
-    return 0
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from recon_server.mrd.replay import NoImagesError, ReplayError, replay_file
-
-    try:
-        result = replay_file(
-            args.file,
-            host=args.host,
-            port=args.port,
-            out_dir=args.out,
-            method=args.method,
-            samples=args.samples,
-            config_name=args.config_name,
-            progress=not args.no_progress,
-        )
-    except NoImagesError as exc:  # a clean CLOSE without images: not a server error
-        print(f"recon-server replay: {exc}")
-        log.error("%s", exc)
-        return 1
-    except ReplayError as exc:
-        print(f"recon-server replay: server error: {exc}")
-        log.error("server error: %s", exc)
-        return 1
-    names = ", ".join(p.name for p in result.files)
-    print(f"recon-server replay: {len(result.images)} images -> {args.out} ({names})")
-    return 0
-
-
-def _configure_model(args: argparse.Namespace) -> None:
-    """Point the diffusion methods at ``--model-dir`` and, for ``--backend onnx``, inject the
-    ONNX Runtime denoiser (the samplers without backprop run on it; ``dps`` refuses it)."""
-    from recon_server.dpm.onnx import load_denoiser
-    from recon_server.recon.methods import configure_diffusion
-
-    if args.backend == "onnx" and args.model_dir is None:
-        raise ValueError("--backend onnx needs --model-dir (its card names the contrast slots)")
-    if args.model_dir is not None:
-        configure_diffusion(model_dir=args.model_dir)
-    if args.backend == "onnx":
-        denoiser = load_denoiser(args.model_dir, backend="onnx", device=args.device, onnx_file=args.onnx_file)
-        configure_diffusion(denoiser=denoiser)
-
-
-def cmd_recon(args: argparse.Namespace) -> int:
-    from recon_server.dicom.deliver import store_series
-    from recon_server.dicom.sender import PacsSender
-    from recon_server.mrd import ismrmrd_io
-    from recon_server.mrd.assemble import Assembler
-    from recon_server.mrd.replay import to_ismrmrd_images
-    from recon_server.recon.pipeline import reconstruct_all
-    from recon_server.service.server import volume_to_images
-
-    config = ServiceConfig(device=args.device)
-    _configure_model(args)
-    raw = ismrmrd_io.read_raw(args.file)
-    asm = Assembler(
-        raw.header_xml,
-        config={"contrast": args.contrast} if args.contrast else None,
-        calibration_lines=args.calibration_lines,
-    )
-    for head, data in zip(raw.acquisition_headers, raw.data, strict=True):
-        asm.add_line(head, data)
-    volumes = [
-        volume
-        for scan in asm.finish()
-        for volume in reconstruct_all(
-            scan,
-            method=config.method_for(scan.contrast, args.method),
-            device=config.device,
-            samples=args.samples,
-        )
-    ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stacked = np.concatenate([v.magnitude for v in volumes if v.role == "image"]).astype(np.float32)
-    np.save(args.out / "images.npy", stacked)
-    sd_maps = [v.magnitude for v in volumes if v.role == "sd"]
-    if sd_maps:
-        np.save(args.out / "sd.npy", np.concatenate(sd_maps).astype(np.float32))
-    h5 = args.out / "images.h5"
-    h5.unlink(missing_ok=True)
-    images = [im for v in volumes for im in volume_to_images(v)]
-    ismrmrd_io.write_images(h5, to_ismrmrd_images(images))
-    for v in volumes:
-        print(f"recon-server recon: {v.series_description}: {v.magnitude.shape} ({v.provenance.settings})")
-    if args.dicom_dir is None:
-        args.dicom_dir = args.out / "dicom"
-    dicom = output_config(args)
-    if dicom is not None:
-        for v in volumes:
-            paths = store_series(v, dicom)
-            print(f"recon-server recon: {len(paths)} DICOM files -> {paths[0].parent}")
-        if dicom.destinations:
-            report = PacsSender(dicom).drain(timeout_s=args.send_timeout)
-            print(
-                f"recon-server recon: PACS: stored {report.stored}, quarantined {report.quarantined}, "
-                f"pending {report.pending} (pending images stay in {dicom.spool_dir})"
-            )
-            if report.pending or report.quarantined:
-                return 1
-    print(f"recon-server recon: {stacked.shape[0]} images -> {args.out / 'images.npy'}")
     return 0

@@ -3,6 +3,8 @@
 Multi-GPU / multi-node: run the same command under torchrun, e.g.
 ``torchrun --nproc_per_node 8 -m recon_server.cli.main train pretrain ...``; ``--batch`` is the global
 batch (split evenly over the processes).
+
+torch is imported in the handlers: ``recon-server`` builds its parser without it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import json
 import logging
 from pathlib import Path
 
-import torch.distributed as dist
-
 from recon_server.cli import options
-from recon_server.dpm.precision import CPU_PRECISIONS
-from recon_server.dpm.unet import MODEL_SIZES
 
 log = logging.getLogger(__name__)
+
+#: The names of ``recon_server.dpm.unet.MODEL_SIZES`` (that module imports torch; a unit test
+#: keeps the two equal).
+MODEL_SIZE_NAMES = ("cpu", "cpu-res", "demo", "paper", "tiny", "tiny-res")
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
@@ -70,7 +72,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, batch: int) -> None:
     )
     p.add_argument(
         "--cpu-precision",
-        choices=CPU_PRECISIONS,
+        choices=options.CPU_PRECISIONS,
         default="auto",
         help="CPU arithmetic (-cl: channels_last); auto times each on the machine and keeps the fastest",
     )
@@ -91,14 +93,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the ``recon-server`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = options.HelpFormatter
     train = subparsers.add_parser("train", help="train the diffusion prior", formatter_class=fmt)
     phases = train.add_subparsers(dest="phase", required=True, metavar="PHASE")
 
     pre = phases.add_parser("pretrain", help="pre-train on several contrasts", formatter_class=fmt)
     _common(pre, lr=1e-4, batch=32)
     pre.add_argument("--contrasts", required=True, help="comma-separated, e.g. T1,T2,T1POST")
-    pre.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="demo")
+    pre.add_argument("--model-size", choices=MODEL_SIZE_NAMES, default="demo")
     pre.add_argument("--joint", metavar="CONTRAST", help="also train on this target contrast at once")
     pre.add_argument("--target-subjects", type=options.positive_int, help="cap on --joint training subjects")
     pre.set_defaults(func=_run_pretrain)
@@ -187,6 +189,8 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 (RunOptions, imported la
 
 
 def _finish(summary: dict) -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "best"} | {"best": summary.get("best")}))
     if dist.is_initialized():

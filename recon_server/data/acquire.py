@@ -19,6 +19,8 @@ One subject (:func:`simulate_subject`):
    ``sigma L w`` samples too.
 5. Undersampling: the fastMRI equispaced mask (:mod:`.masks`); ``raw.h5`` holds only the
    acquired lines (the same noisy samples as ``reference.h5``, which holds every line).
+
+The coils and their noise are :mod:`.coils`; the header and acquisitions of the files :mod:`.ismrmrd_raw`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from ismrmrd import xsd
-from xsdata.models.datatype import XmlDate, XmlTime
 
 from recon_server.data import contrast as cmod
 from recon_server.data import phantom
-from recon_server.mrd.ismrmrd_io import new_acquisition_headers, write_raw
+from recon_server.data.coils import coil_sensitivities, complex_noise, noise_mixing, prewhitened_coil_weight
+from recon_server.data.ismrmrd_raw import NOISE_ACQUISITIONS, acquisitions, build_header
+from recon_server.mrd.ismrmrd_io import write_raw
 from recon_server.recon.fft import fft2c
 from recon_server.recon.masks import default_center_fraction, equispaced_mask
 from recon_server.scan import SliceGeometry
@@ -45,9 +47,6 @@ _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 READ_DIR = np.array([1.0, 0.0, 0.0])
 PHASE_DIR = np.array([0.0, 1.0, 0.0])
 SLICE_DIR = np.array([0.0, 0.0, 1.0])
-NOISE_ACQUISITIONS = 4
-LARMOR_3T_HZ = 127_740_000
-BANDWIDTH_HZ_PER_PIXEL = 200.0
 
 
 @dataclass(frozen=True)
@@ -171,92 +170,6 @@ def slice_stack(
     return geometry, pixels.astype(np.float32)
 
 
-def coil_sensitivities(
-    pixels_lps: np.ndarray, centre_lps: np.ndarray, coils: int, rng: np.random.Generator, *, coarse: int = 24
-) -> np.ndarray:
-    """Loop-coil receive maps ``(slices, coils, ny, nx)`` complex64, ``sum_c |S_c|^2 = 1``.
-
-    Loops of ``coils`` elements on an elliptic cylinder (semi-axes ~105 mm LR, ~125 mm AP, rings
-    50 mm apart along z) around ``centre_lps``; Biot-Savart ``B(r) = sum dl x (r - m) / |r - m|^3``
-    on a coarse grid, ``S_c = (B_x - i B_y) e^{i theta_c}``, bicubic upsampling, normalisation.
-    """
-    s, ny, nx, _ = pixels_lps.shape
-    iy = np.linspace(0, ny - 1, coarse).round().astype(int)
-    ix = np.linspace(0, nx - 1, coarse).round().astype(int)
-    pts = pixels_lps[:, iy][:, :, ix] - centre_lps  # (S, g, g, 3) relative to the head centre
-    rings = 1 if coils <= 8 else (2 if coils <= 20 else 4)
-    per_ring = [coils // rings + (1 if r < coils % rings else 0) for r in range(rings)]
-    ax, ay = 105.0 * rng.uniform(0.95, 1.05), 125.0 * rng.uniform(0.95, 1.05)
-    seg = np.linspace(0, 2 * np.pi, 25)[:-1]
-    fields = []
-    for r, count in enumerate(per_ring):
-        z0 = (r - (rings - 1) / 2.0) * 50.0 + rng.uniform(-5, 5)
-        radius = min(55.0, 0.9 * np.pi * (ax + ay) / 2.0 / max(count, 1))
-        start = rng.uniform(0, 2 * np.pi)
-        for k in range(count):
-            th = start + 2 * np.pi * k / count
-            centre = np.array([ax * np.cos(th), ay * np.sin(th), z0])
-            normal = np.array([np.cos(th) / ax, np.sin(th) / ay, 0.0])
-            normal /= np.linalg.norm(normal)
-            tangent = np.array([-normal[1], normal[0], 0.0])
-            axial = np.array([0.0, 0.0, 1.0])
-            wire = centre + radius * (np.cos(seg)[:, None] * tangent + np.sin(seg)[:, None] * axial)
-            dl = np.roll(wire, -1, axis=0) - wire
-            mid = wire + dl / 2
-            rel = pts[..., None, :] - mid  # (S, g, g, segments, 3)
-            dist3 = np.linalg.norm(rel, axis=-1, keepdims=True) ** 3
-            b = (np.cross(dl, rel) / np.maximum(dist3, 1.0)).sum(-2)
-            fields.append((b[..., 0] - 1j * b[..., 1]) * np.exp(1j * rng.uniform(0, 2 * np.pi)))
-    coarse_maps = torch.from_numpy(np.stack(fields, axis=1).astype(np.complex64))  # (S, C, g, g)
-    # Separable bicubic upsampling as two small matrix products (cheaper than interpolate).
-    wy = _interp_matrix(ny, coarse).to(torch.complex64)
-    wx = _interp_matrix(nx, coarse).to(torch.complex64)
-    maps = wy @ coarse_maps @ wx.T
-    rss = torch.view_as_real(maps).square().sum(dim=(1, -1), keepdim=False).sqrt().clamp_min(1e-12)
-    maps = maps / rss[:, None]
-    return maps.numpy()
-
-
-def prewhitened_coil_weight(maps: np.ndarray, mix: np.ndarray) -> np.ndarray:
-    """``||L^-1 S(r)||`` per pixel ``(slices, ny, nx)`` float32, median 1 where the coils see.
-
-    After prewhitening (noise covariance ``sigma^2 L L^H``) the coil images are ``L^-1 S m``, so a
-    coil combination with unit-norm estimated maps returns ``m ||L^-1 S||``, not the object ``m``:
-    a smooth intensity weighting (+-15 % with the simulator's per-coil noise gains) that no
-    reconstruction can undo from the data. ``|truth| x this`` is the noiseless image the data
-    determine, the reference the evaluation compares with (``recon_server.research.evaluate``).
-    """
-    whitened = np.einsum("ij,sjyx->siyx", np.linalg.inv(mix), maps)
-    weight = np.sqrt((np.abs(whitened) ** 2).sum(axis=1))
-    return (weight / max(float(np.median(weight[weight > 0])), 1e-12)).astype(np.float32)
-
-
-def noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
-    """``L`` with ``Psi = L L^H``: identity plus weak random coupling, per-coil gains 0.85-1.15,
-    scaled so that ``mean(diag(Psi)) = 1``."""
-    g = (rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils))) / np.sqrt(2)
-    mix = np.eye(coils) + 0.12 * g
-    mix = mix * rng.uniform(0.85, 1.15, size=(coils, 1))
-    mix /= np.sqrt(np.real(np.trace(mix @ mix.conj().T)) / coils)
-    return mix.astype(np.complex64)
-
-
-def _complex_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    """``CN(0, 1)`` samples (real and imaginary parts ``N(0, 1/2)``), complex64.
-
-    Drawn by torch (about twice as fast as numpy here) from a generator seeded by ``rng``.
-    """
-    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-    return torch.randn(shape, dtype=torch.complex64, generator=gen)
-
-
-def _interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    """``(n_out, n_in)`` bicubic interpolation weights (``align_corners=True``), real float32."""
-    eye = torch.eye(n_in, dtype=torch.float32)[:, None, :, None]  # (n_in, 1, n_in, 1)
-    w = torch.nn.functional.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=True)
-    return w[:, 0, :, 0].T.contiguous()
-
-
 def _background_phase(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """Smooth phase per slice: ``a0(z) + a1 x + a2 y + a3 x^2 + a4 y^2 + a5 x y`` (x, y in [-1, 1])."""
     s, ny, nx = shape
@@ -364,9 +277,9 @@ def simulate_subject(config: SimulationConfig, *, seed: int, index: int) -> Simu
     coil_images = torch.from_numpy(maps) * torch.from_numpy(truth)[:, None]
     pad = (nx_os - n) // 2
     kspace = fft2c(torch.nn.functional.pad(coil_images, (pad, pad)))
-    white = _complex_noise(rng["noise"], (s, config.coils, n, nx_os))
+    white = complex_noise(rng["noise"], (s, config.coils, n, nx_os))
     kspace += sigma * torch.einsum("ij,sjyx->siyx", mix, white)
-    noise_white = _complex_noise(rng["noise"], (config.coils, NOISE_ACQUISITIONS * nx_os))
+    noise_white = complex_noise(rng["noise"], (config.coils, NOISE_ACQUISITIONS * nx_os))
     noise = (sigma * (mix @ noise_white)).numpy()
     coil_weight = prewhitened_coil_weight(maps, mix.numpy())
 
@@ -475,170 +388,6 @@ def _subject_metadata(seed: int, index: int, rng: np.random.Generator, age: int)
         "study_id": str(int(rng.integers(1000, 10000))),
         "measurement_uid": int(rng.integers(1, 2**31)),
     }
-
-
-def _bit(flag: int) -> int:
-    return 1 << (flag - 1)
-
-
-FLAG_NOISE = _bit(19)  # ACQ_IS_NOISE_MEASUREMENT
-FLAG_CALIBRATION = _bit(20)  # ACQ_IS_PARALLEL_CALIBRATION
-FLAG_CALIBRATION_AND_IMAGING = _bit(21)  # ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
-FLAG_FIRST_IN_SLICE, FLAG_LAST_IN_SLICE = _bit(7), _bit(8)
-FLAG_FIRST_IN_ENCODE_STEP1, FLAG_LAST_IN_ENCODE_STEP1 = _bit(1), _bit(2)
-FLAG_LAST_IN_MEASUREMENT = _bit(25)
-
-
-def build_header(subject: SimulatedSubject, *, acceleration: int) -> str:
-    """The ISMRMRD XML header (schema classes of ismrmrd-python, so it validates by construction).
-
-    encodedSpace: ``(os * nx, ny, 1)`` over ``(os * FOV, FOV, thickness)``; reconSpace
-    ``(nx, ny, 1)`` over ``(FOV, FOV, thickness)``; limits for kspace_encoding_step_1 and slice
-    with centres ``ny // 2`` and ``slices // 2``; parallel imaging ``R`` x 1, embedded calibration.
-    """
-    cfg, meta, seq = subject.config, subject.metadata, subject.sequence
-    n, s = cfg.matrix, cfg.slices
-    nx_os = n * cfg.readout_oversampling
-
-    def space(nx: int, fov_x: float) -> xsd.encodingSpaceType:
-        return xsd.encodingSpaceType(
-            matrixSize=xsd.matrixSizeType(x=nx, y=n, z=1),
-            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_x, y=cfg.fov_mm, z=cfg.slice_thickness_mm),
-        )
-
-    limits = xsd.encodingLimitsType(
-        kspace_encoding_step_0=xsd.limitType(minimum=0, maximum=nx_os - 1, center=nx_os // 2),
-        kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=n - 1, center=n // 2),
-        kspace_encoding_step_2=xsd.limitType(minimum=0, maximum=0, center=0),
-        slice=xsd.limitType(minimum=0, maximum=s - 1, center=s // 2),
-        average=xsd.limitType(minimum=0, maximum=0, center=0),
-        contrast=xsd.limitType(minimum=0, maximum=0, center=0),
-        repetition=xsd.limitType(minimum=0, maximum=0, center=0),
-    )
-    encoding = xsd.encodingType(
-        encodedSpace=space(nx_os, cfg.fov_mm * cfg.readout_oversampling),
-        reconSpace=space(n, cfg.fov_mm),
-        encodingLimits=limits,
-        trajectory=xsd.trajectoryType.CARTESIAN,
-        parallelImaging=xsd.parallelImagingType(
-            accelerationFactor=xsd.accelerationFactorType(
-                kspace_encoding_step_1=acceleration, kspace_encoding_step_2=1
-            ),
-            calibrationMode=xsd.calibrationModeType.EMBEDDED,
-        ),
-        echoTrainLength=1 if seq.sequence_type == "SpinEcho" else 16,
-    )
-    series_description = seq.protocol_name.replace("_", " ")
-    header = xsd.ismrmrdHeader(
-        version=1,
-        subjectInformation=xsd.subjectInformationType(
-            patientName=str(meta["patient_name"]),
-            patientWeight_kg=float(meta["patient_weight_kg"]),  # type: ignore[arg-type]
-            patientID=str(meta["patient_id"]),
-            patientBirthdate=XmlDate.from_string(str(meta["patient_birthdate"])),
-            patientGender=str(meta["patient_sex"]),
-        ),
-        studyInformation=xsd.studyInformationType(
-            studyDate=XmlDate.from_string(str(meta["study_date"])),
-            studyTime=XmlTime.from_string(str(meta["study_time"])),
-            studyID=str(meta["study_id"]),
-            accessionNumber=int(meta["accession_number"]),  # type: ignore[call-overload]
-            studyDescription="BRAIN STROKE (simulated)",
-            studyInstanceUID=str(meta["study_instance_uid"]),
-            bodyPartExamined="BRAIN",
-        ),
-        measurementInformation=xsd.measurementInformationType(
-            measurementID=f"SIM{meta['seed']}_{meta['patient_id']}_{meta['study_id']}_{seq.protocol_name}",
-            seriesDate=XmlDate.from_string(str(meta["study_date"])),
-            seriesTime=XmlTime.from_string(str(meta["study_time"])),
-            patientPosition=xsd.patientPositionType.HFS,
-            initialSeriesNumber=1,
-            protocolName=seq.protocol_name,
-            sequenceName=seq.sequence_type,
-            seriesDescription=series_description,
-            seriesInstanceUIDRoot=str(meta["series_instance_uid_root"]),
-            frameOfReferenceUID=str(meta["frame_of_reference_uid"]),
-        ),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="recon-server simulator",
-            systemModel="BrainSim",
-            systemFieldStrength_T=3.0,
-            relativeReceiverNoiseBandwidth=0.793,
-            receiverChannels=cfg.coils,
-            institutionName="Simulation",
-            stationName="SIM3T",
-        ),
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=LARMOR_3T_HZ),
-        encoding=[encoding],
-        sequenceParameters=xsd.sequenceParametersType(
-            TR=[seq.TR],
-            TE=[seq.TE],
-            TI=[seq.TI] if seq.TI > 0 else [],
-            flipAngle_deg=[seq.flip_deg],
-            sequence_type=seq.sequence_type,
-        ),
-        userParameters=xsd.userParametersType(
-            userParameterString=[xsd.userParameterStringType(name="contrast", value=seq.contrast)]
-        ),
-    )
-    return xsd.ToXML(header)
-
-
-def acquisitions(subject: SimulatedSubject, *, undersampled: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Acquisition headers and data: noise readouts first, then the imaging and calibration lines.
-
-    Order: for each phase-encode line (ascending), each slice in interleaved order (0, 2, ... 1, 3,
-    ...), as a 2-D multi-slice sequence runs. Flags: NOISE_MEASUREMENT; in the undersampled file
-    PARALLEL_CALIBRATION_AND_IMAGING for the ACS lines (with ``acs_calibration_only``: only for
-    those on the sampling grid, PARALLEL_CALIBRATION for the others); FIRST/LAST_IN_SLICE,
-    FIRST/LAST_IN_ENCODE_STEP1, LAST_IN_MEASUREMENT.
-    """
-    cfg = subject.config
-    ny, nx_os = subject.kspace.shape[-2:]
-    lines = np.flatnonzero(subject.lines) if undersampled else np.arange(ny)
-    order = [*range(0, cfg.slices, 2), *range(1, cfg.slices, 2)]
-    n_img = len(lines) * cfg.slices
-    heads = new_acquisition_headers(NOISE_ACQUISITIONS + n_img)
-    dwell_us = 1e6 / (BANDWIDTH_HZ_PER_PIXEL * nx_os)
-    heads["measurement_uid"] = int(subject.metadata["measurement_uid"])  # type: ignore[call-overload]
-    heads["available_channels"] = cfg.coils
-    heads["active_channels"] = cfg.coils
-    heads["number_of_samples"] = nx_os
-    heads["center_sample"] = nx_os // 2
-    heads["sample_time_us"] = dwell_us
-    heads["scan_counter"] = np.arange(1, len(heads) + 1)
-    tr_ticks = max(1, round(subject.sequence.TR / 2.5 / cfg.slices))  # 2.5 ms clock ticks
-    heads["acquisition_time_stamp"] = 1_000_000 + np.arange(len(heads)) * tr_ticks
-    data: list[np.ndarray] = []
-    noise = subject.noise.reshape(cfg.coils, NOISE_ACQUISITIONS, -1)
-    for k in range(NOISE_ACQUISITIONS):
-        heads[k]["flags"] = FLAG_NOISE
-        heads[k]["sample_time_us"] = dwell_us
-        data.append(noise[:, k, :])
-    in_acs = np.zeros(ny, dtype=bool)
-    in_acs[subject.acs[0] : subject.acs[1]] = True
-    row = NOISE_ACQUISITIONS
-    for li, ky in enumerate(lines):
-        for sl in order:
-            h = heads[row]
-            flags = 0
-            if undersampled and in_acs[ky]:
-                calib_only = cfg.acs_calibration_only and not subject.imaging_lines[ky]
-                flags |= FLAG_CALIBRATION if calib_only else FLAG_CALIBRATION_AND_IMAGING
-            if li == 0:
-                flags |= FLAG_FIRST_IN_SLICE | FLAG_FIRST_IN_ENCODE_STEP1
-            if li == len(lines) - 1:
-                flags |= FLAG_LAST_IN_SLICE | FLAG_LAST_IN_ENCODE_STEP1
-            h["flags"] = flags
-            h["idx"]["kspace_encode_step_1"] = ky
-            h["idx"]["slice"] = sl
-            g = subject.geometry[sl]
-            h["position"], h["read_dir"] = g.position, g.read_dir
-            h["phase_dir"], h["slice_dir"] = g.phase_dir, g.slice_dir
-            data.append(subject.kspace[sl, :, ky, :])
-            row += 1
-    heads[-1]["flags"] |= FLAG_LAST_IN_MEASUREMENT
-    return heads, data
 
 
 SUBJECT_FILES = ("raw", "reference", "truth", "labels")

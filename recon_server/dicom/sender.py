@@ -35,6 +35,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
 
 from recon_server.dicom.config import DicomConfig, PacsDestination
 from recon_server.dicom.spool import SeriesBatch, Spool, SpoolItem
@@ -115,8 +116,31 @@ class DrainReport:
     next_due_s: float | None = None
 
 
+class _ClosingSocket(AssociationSocket):
+    """pynetdicom's socket, closed also when the connection failed: its own ``_shutdown_socket``
+    skips ``close()`` when ``shutdown()`` raises on a socket that never connected (ResourceWarning:
+    unclosed socket, e.g. ``pacs-echo`` against a closed port)."""
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+class _AE(AE):
+    def _create_socket(self, assoc, address, tls_args):  # type: ignore[no-untyped-def]
+        sock = _ClosingSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
 def _make_ae(dest: PacsDestination, config: DicomConfig) -> AE:
-    ae = AE(ae_title=dest.calling_ae)
+    ae = _AE(ae_title=dest.calling_ae)
     ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_requested_context(VERIFICATION)
     ae.acse_timeout = config.connect_timeout_s

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 #: The journal delivery (``"<journal entry>/<volume key>"``) whose sinks are running, set by
-#: ``pipeline.ReconService`` around them; :func:`deliver.store_series` records it in the marker.
+#: ``service.worker.ReconService`` around them; :func:`deliver.store_series` records it in the marker.
 DELIVERY_TAG: ContextVar[str | None] = ContextVar("recon_server_delivery_tag", default=None)
 SERIES_DIR = "series"
 WRITING, SPOOLED = "writing", "spooled"

@@ -44,8 +44,8 @@ from pydicom.valuerep import format_number_as_ds
 from recon_server import __version__
 from recon_server.dicom.config import UUID_UID_ROOT, validate_uid_root
 from recon_server.dicom.geometry import plane_geometry, slice_spacing
-from recon_server.dicom.header import ScanHeader, parse_header
 from recon_server.scan import ImageVolume
+from recon_server.scan_header import ScanHeader
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def build_series(
     Raises ValueError for an empty volume, NaN/Inf or negative pixels, a geometry count that
     does not match the slices, zero or non-orthogonal direction vectors, or an unusable header.
     """
-    header = parse_header(volume.header_xml)
+    header = volume.header
     stored, scale = scale_pixels(volume.magnitude)
     n_slices, rows, cols = stored.shape
     if len(volume.geometry) != n_slices:

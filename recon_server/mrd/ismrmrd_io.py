@@ -14,12 +14,18 @@ pair array as complex64; reading acquisition by acquisition through ``ismrmrd.Da
 is more than an order of magnitude slower. Images are written as ismrmrd-python's
 ``Dataset.append_image`` writes them (``header`` / ``attributes`` / ``data`` under one
 image group), so ``ismrmrd.Dataset.read_image`` reads them back.
+
+A file that cannot be read as ISMRMRD raw data raises one ValueError naming the file and what
+is wrong, the same for every command: ``not an ISMRMRD raw file: PATH (no /dataset/xml)``,
+``... (not an HDF5 file)``, ``... (no /dataset/data)``; a missing file raises FileNotFoundError
+``no such file: PATH``.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +126,42 @@ def _as_header_dtype(headers: np.ndarray) -> np.ndarray:
     return out
 
 
+def not_raw(path: str | Path, why: str) -> ValueError:
+    """The error for a file that is not ISMRMRD raw data: ``not an ISMRMRD raw file: PATH (why)``."""
+    return ValueError(f"not an ISMRMRD raw file: {path} ({why})")
+
+
+@contextmanager
+def _open_raw(path: str | Path) -> Iterator[h5py.File]:
+    """``h5py.File(path, "r")`` with h5py's and HDF5's errors turned into one clear line naming
+    ``path`` (also for errors while the file is read inside the block)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if p.is_dir():
+        raise not_raw(path, "a directory")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        if not h5py.is_hdf5(p):
+            raise not_raw(path, "not an HDF5 file") from None
+        raise not_raw(path, f"HDF5 error: {exc}") from None
+    try:
+        with f:
+            yield f
+    except (KeyError, TypeError, OSError) as exc:  # a damaged file, or fields of another layout
+        raise not_raw(path, f"unreadable: {exc}") from None
+
+
 def read_header_xml(path: str | Path, *, group: str = "dataset") -> str:
     """Read only the XML header of an ISMRMRD file."""
-    with h5py.File(path, "r") as f:
+    with _open_raw(path) as f:
         return _read_xml(f, group, path)
 
 
 def _read_xml(f: h5py.File, group: str, path: str | Path) -> str:
-    if group not in f or "xml" not in f[group]:
-        raise ValueError(f"{path}: no ISMRMRD XML header at /{group}/xml")
+    if group not in f or not isinstance(f[group], h5py.Group) or "xml" not in f[group]:
+        raise not_raw(path, f"no /{group}/xml")
     raw = f[group]["xml"][0]
     text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
     return text.rstrip("\x00")
@@ -138,10 +171,10 @@ def read_raw(
     path: str | Path, *, group: str = "dataset", max_acquisitions: int = DEFAULT_MAX_ACQUISITIONS
 ) -> RawScan:
     """Read an ISMRMRD raw file in bulk (one h5py read per field of ``/<group>/data``)."""
-    with h5py.File(path, "r") as f:
+    with _open_raw(path) as f:
         header_xml = _read_xml(f, group, path)
         if "data" not in f[group]:
-            raise ValueError(f"{path}: no acquisitions at /{group}/data")
+            raise not_raw(path, f"no /{group}/data")
         dset = f[group]["data"]
         n = int(dset.shape[0])
         if n > max_acquisitions:

@@ -9,7 +9,13 @@ order; ``<series>`` is the images' ``image_series_index``), ``images.npy`` / ``s
 all of them when they share one size, and ``images.h5`` (every ISMRMRD image: group
 ``dataset/images``, or one group ``dataset/images_<series>`` per series when sizes differ).
 A server that closes without images and without an error raises :class:`NoImagesError`
-("the server returned no images"), not a server error.
+("the server returned no images"), not a server error. A server that cannot be reached raises
+ConnectionError ``cannot connect to HOST:PORT: connection refused`` (or the reason).
+
+TEXT messages starting with ``PROGRESS `` are the server's progress lines (``PROGRESS FLAIR
+dps-fast: slice 3/16, 12.0 s elapsed, 4.00 s/slice``): kept apart in ``ReplayResult.progress``
+(without the prefix) and handed to ``on_progress`` as they arrive; ``replay_file`` with
+``progress=True`` prints each as ``recon-server replay: server: <text>`` on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,9 @@ from tqdm import tqdm
 from recon_server.mrd import ismrmrd_io, wire
 
 log = logging.getLogger(__name__)
+
+#: Prefix of the server's progress TEXT messages.
+PROGRESS_PREFIX = "PROGRESS "
 
 
 class ReplayError(RuntimeError):
@@ -43,6 +54,7 @@ class NoImagesError(ReplayError):
 class ReplayResult:
     images: list[wire.Image] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    progress: list[str] = field(default_factory=list)  # the server's PROGRESS texts, prefix removed
     errors: list[str] = field(default_factory=list)
     closed: bool = False
     bytes_sent: int = 0
@@ -120,7 +132,14 @@ def _data_role(image: wire.Image) -> str:
     return str(ismrmrd.Meta.deserialize(image.meta_xml).get("DataRole", "Image"))
 
 
-def _read_replies(reader: wire.WireReader, result: ReplayResult) -> None:
+def print_progress(text: str) -> None:
+    """A server progress line on stderr: ``recon-server replay: server: <text>``."""
+    print(f"recon-server replay: server: {text}", file=sys.stderr, flush=True)
+
+
+def _read_replies(
+    reader: wire.WireReader, result: ReplayResult, on_progress: Callable[[str], None] | None = None
+) -> None:
     try:
         while True:
             msg = reader.read_message()
@@ -132,7 +151,13 @@ def _read_replies(reader: wire.WireReader, result: ReplayResult) -> None:
             elif isinstance(msg, wire.Error):
                 result.errors.append(msg.text)
             elif isinstance(msg, wire.Text):
-                (result.errors if msg.text.startswith("ERR") else result.texts).append(msg.text)
+                if msg.text.startswith(PROGRESS_PREFIX):
+                    line = msg.text[len(PROGRESS_PREFIX) :].strip()
+                    result.progress.append(line)
+                    if on_progress is not None:
+                        on_progress(line)
+                else:
+                    (result.errors if msg.text.startswith("ERR") else result.texts).append(msg.text)
     except (ValueError, OSError) as exc:  # EndOfStream / ProtocolError are ValueErrors
         if not result.closed:
             result.errors.append(f"connection ended without CLOSE: {exc}")
@@ -148,13 +173,16 @@ def stream_scan(
     progress: bool = True,
     timeout_s: float = 600.0,
     limits: wire.WireLimits | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> ReplayResult:
-    """Send one raw scan and collect the replies (does not raise on server errors)."""
+    """Send one raw scan and collect the replies (does not raise on server errors; ConnectionError
+    when the server cannot be reached). ``progress``: a bar of the acquisitions sent;
+    ``on_progress(text)``: each server progress line as it arrives."""
     result = ReplayResult()
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    with connect(host, port, timeout_s) as sock:
         rfile = sock.makefile("rb", buffering=1 << 20)
         reader = wire.WireReader(rfile, limits)
-        replies = threading.Thread(target=_read_replies, args=(reader, result), daemon=True)
+        replies = threading.Thread(target=_read_replies, args=(reader, result, on_progress), daemon=True)
         replies.start()
         out = sock.makefile("wb", buffering=1 << 20)
         writer = wire.WireWriter(out)
@@ -180,6 +208,23 @@ def stream_scan(
             except OSError:
                 pass
     return result
+
+
+def connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP connection to the server; ConnectionError ``cannot connect to HOST:PORT: why``."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        why = "connection refused"
+    except socket.gaierror as exc:
+        why = f"unknown host ({exc.strerror or exc})"
+    except TimeoutError:
+        why = f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        text = exc.strerror or str(exc)
+        why = text[:1].lower() + text[1:]
+    raise ConnectionError(f"cannot connect to {address}: {why}")
 
 
 def to_ismrmrd_images(images: list[wire.Image]) -> list[ismrmrd.Image]:
@@ -237,7 +282,8 @@ def replay_file(
     progress: bool = True,
 ) -> ReplayResult:
     """Replay a raw file, save the images; ReplayError carrying the server's text on failure,
-    NoImagesError when the server closed without error and without images.
+    NoImagesError when the server closed without error and without images, ConnectionError when
+    it cannot be reached. ``progress``: the send bar and the server's progress lines on stderr.
 
     ``method`` and ``samples`` (posterior samples: mean image + SD map) go to the server as the
     JSON TEXT message after the header.
@@ -251,6 +297,7 @@ def replay_file(
         config_name=config_name,
         options=options or None,
         progress=progress,
+        on_progress=print_progress if progress else None,
     )
     if result.errors:
         raise ReplayError("; ".join(result.errors))

@@ -23,11 +23,11 @@ buffer is allocated. Layouts (byte offsets after the id)::
 
 Strings lose trailing NULs (FIRE clients count the terminator in the length; a trailing NUL
 breaks ``ismrmrd.xsd.CreateFromDocument``). Malformed input raises :class:`ProtocolError`.
+The fixed layouts are :mod:`.wire_layout`, the payload encoders :mod:`.wire_encode`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import struct
 from collections.abc import Callable
@@ -35,9 +35,32 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 import numpy as np
-from ismrmrd.hdf5 import waveform_header_dtype
 
-from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE, field_reader
+from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, IMAGE_HEADER_DTYPE
+from recon_server.mrd.wire_encode import (
+    Chunks,
+    acquisition_payload,
+    config_file_payload,
+    image_payload,
+    recon_data_payload,
+    text_payload,
+    waveform_payload,
+)
+from recon_server.mrd.wire_layout import (
+    ACQ_HEADER_SIZE,
+    ACQ_SIZES,
+    COMPLEX64,
+    CONFIG_FILE_SIZE,
+    FLOAT32,
+    IMAGE_DTYPES,
+    IMAGE_HEADER_SIZE,
+    MESSAGE_ID,
+    SAMPLING_DESCRIPTION_SIZE,
+    UINT32,
+    UINT64,
+    WAVEFORM_HEADER_DTYPE,
+    WAVEFORM_HEADER_SIZE,
+)
 
 # Message ids.
 CONFIG_FILE = 1
@@ -63,55 +86,6 @@ MESSAGE_NAMES = {
     RECON_DATA: "RECON_DATA",
     WAVEFORM: "WAVEFORM",
 }
-
-MESSAGE_ID = struct.Struct("<H")  # uint16 message id
-UINT32 = struct.Struct("<I")  # uint32 length of CONFIG_TEXT / HEADER / TEXT
-UINT64 = struct.Struct("<Q")  # uint64 length of ERROR, image meta, NDArray ndim / dims
-BOOL = struct.Struct("<?")  # 1-byte "optional is present" flag in RECON_DATA
-CONFIG_FILE_SIZE = 1024  # char[1024] NUL-padded config name
-
-WAVEFORM_HEADER_DTYPE = np.dtype(waveform_header_dtype)  # 40 bytes, C alignment
-ACQ_HEADER_SIZE = ACQUISITION_HEADER_DTYPE.itemsize  # 340
-IMAGE_HEADER_SIZE = IMAGE_HEADER_DTYPE.itemsize  # 198
-WAVEFORM_HEADER_SIZE = WAVEFORM_HEADER_DTYPE.itemsize  # 40
-FLOAT32, COMPLEX64 = np.dtype("<f4"), np.dtype("<c8")
-ACQ_SIZES = field_reader(
-    ACQUISITION_HEADER_DTYPE, ["number_of_samples", "active_channels", "trajectory_dimensions"]
-)
-
-
-class _SamplingLimit(ctypes.Structure):
-    _fields_ = [("min", ctypes.c_uint16), ("center", ctypes.c_uint16), ("max", ctypes.c_uint16)]
-
-
-class SamplingDescription(ctypes.Structure):
-    """Gadgetron's SamplingDescription: float[3] x2, uint16[3] x2, SamplingLimit[3]; 56 bytes."""
-
-    _fields_ = [
-        ("encoded_FOV", ctypes.c_float * 3),
-        ("recon_FOV", ctypes.c_float * 3),
-        ("encoded_matrix", ctypes.c_uint16 * 3),
-        ("recon_matrix", ctypes.c_uint16 * 3),
-        ("sampling_limits", _SamplingLimit * 3),
-    ]
-
-
-SAMPLING_DESCRIPTION_SIZE = ctypes.sizeof(SamplingDescription)
-assert (ACQ_HEADER_SIZE, IMAGE_HEADER_SIZE, WAVEFORM_HEADER_SIZE) == (340, 198, 40)
-assert SAMPLING_DESCRIPTION_SIZE == 56
-
-#: ISMRMRD image data_type code -> numpy dtype.
-IMAGE_DTYPES: dict[int, np.dtype] = {
-    1: np.dtype("<u2"),
-    2: np.dtype("<i2"),
-    3: np.dtype("<u4"),
-    4: np.dtype("<i4"),
-    5: np.dtype("<f4"),
-    6: np.dtype("<f8"),
-    7: np.dtype("<c8"),
-    8: np.dtype("<c16"),
-}
-IMAGE_TYPE_CODES = {dtype: code for code, dtype in IMAGE_DTYPES.items()}
 
 
 class ProtocolError(ValueError):
@@ -439,106 +413,26 @@ class Writable(Protocol):
     def write(self, data: bytes | memoryview, /) -> object: ...
 
 
-def _bytes_of(flat: np.ndarray) -> bytes | memoryview:
-    return flat.data.cast("B") if flat.size else b""
-
-
-def _raw(arr: np.ndarray, dtype: str | np.dtype) -> bytes | memoryview:
-    # Cast explicitly (never copy=False: numpy 2 raises when a conversion is needed).
-    return _bytes_of(np.ascontiguousarray(arr, dtype=dtype).reshape(-1))
-
-
-def _fortran(arr: np.ndarray, dtype: str | np.dtype) -> bytes | memoryview:
-    return _bytes_of(np.asarray(arr, dtype=dtype).ravel(order="F"))
-
-
 def encode_message(msg: Message) -> list[bytes | memoryview]:
     """Serialise one message into a list of byte chunks (id first)."""
-    encoder = _ENCODERS.get(type(msg))
-    if encoder is None:
+    entry = _ENCODERS.get(type(msg))
+    if entry is None:
         raise TypeError(f"no wire encoder for {type(msg).__name__}")
-    return encoder(msg)
+    mid, payload = entry
+    return [MESSAGE_ID.pack(mid), *payload(msg)]
 
 
-def _text(mid: int, length: struct.Struct, text: str) -> list[bytes | memoryview]:
-    raw = text.encode("utf-8")
-    return [MESSAGE_ID.pack(mid), length.pack(len(raw)), raw]
-
-
-def _enc_config_file(msg: ConfigFile) -> list[bytes | memoryview]:
-    raw = msg.name.encode("utf-8")
-    if len(raw) >= CONFIG_FILE_SIZE:
-        raise ValueError(f"config name longer than {CONFIG_FILE_SIZE - 1} bytes")
-    return [MESSAGE_ID.pack(CONFIG_FILE), raw.ljust(CONFIG_FILE_SIZE, b"\x00")]
-
-
-def _enc_acquisition(msg: Acquisition) -> list[bytes | memoryview]:
-    head = np.array(msg.head, dtype=ACQUISITION_HEADER_DTYPE)
-    ch, ns = msg.data.shape
-    td = msg.traj.shape[1] if msg.traj.ndim == 2 else 0
-    head["active_channels"], head["number_of_samples"], head["trajectory_dimensions"] = ch, ns, td
-    return [MESSAGE_ID.pack(ACQUISITION), head.tobytes(), _raw(msg.traj, "<f4"), _raw(msg.data, "<c8")]
-
-
-def _enc_image(msg: Image) -> list[bytes | memoryview]:
-    data = msg.data if msg.data.ndim == 4 else msg.data.reshape((1,) * (4 - msg.data.ndim) + msg.data.shape)
-    code = IMAGE_TYPE_CODES.get(data.dtype.newbyteorder("<"))
-    if code is None:
-        raise TypeError(f"images of dtype {data.dtype} have no ISMRMRD data_type")
-    meta = msg.meta_xml.encode("utf-8")
-    head = np.array(msg.head, dtype=IMAGE_HEADER_DTYPE)
-    head["data_type"], head["channels"] = code, data.shape[0]
-    head["matrix_size"] = (data.shape[3], data.shape[2], data.shape[1])
-    head["attribute_string_len"] = len(meta)
-    return [MESSAGE_ID.pack(IMAGE), head.tobytes(), UINT64.pack(len(meta)), meta, _raw(data, data.dtype)]
-
-
-def _enc_waveform(msg: Waveform) -> list[bytes | memoryview]:
-    head = np.array(msg.head, dtype=WAVEFORM_HEADER_DTYPE)
-    head["channels"], head["number_of_samples"] = msg.data.shape
-    return [MESSAGE_ID.pack(WAVEFORM), head.tobytes(), _raw(msg.data, "<u4")]
-
-
-def _enc_ndarray(arr: np.ndarray, dtype: str | np.dtype) -> list[bytes | memoryview]:
-    dims = np.asarray(arr.shape, dtype="<u8")
-    return [UINT64.pack(arr.ndim), dims.tobytes(), _fortran(arr, dtype)]
-
-
-def _enc_optional(arr: np.ndarray | None, dtype: str) -> list[bytes | memoryview]:
-    return [BOOL.pack(False)] if arr is None else [BOOL.pack(True), *_enc_ndarray(arr, dtype)]
-
-
-def _enc_buffer(buf: ReconBuffer) -> list[bytes | memoryview]:
-    if len(buf.sampling) != SAMPLING_DESCRIPTION_SIZE:
-        raise ValueError(f"sampling description must be {SAMPLING_DESCRIPTION_SIZE} bytes")
-    return [
-        *_enc_ndarray(buf.data, "<c8"),
-        *_enc_optional(buf.trajectory, "<f4"),
-        *_enc_optional(buf.density, "<f4"),
-        *_enc_ndarray(buf.headers, ACQUISITION_HEADER_DTYPE),
-        bytes(buf.sampling),
-    ]
-
-
-def _enc_recon_data(msg: ReconData) -> list[bytes | memoryview]:
-    out: list[bytes | memoryview] = [MESSAGE_ID.pack(RECON_DATA), UINT64.pack(len(msg.bits))]
-    for bit in msg.bits:
-        out += _enc_buffer(bit.data)
-        out += [BOOL.pack(False)] if bit.ref is None else [BOOL.pack(True), *_enc_buffer(bit.ref)]
-    return out
-
-
-_ENCODERS: dict[type, Callable] = {
-    ConfigFile: _enc_config_file,
-    ConfigText: lambda m: _text(CONFIG_TEXT, UINT32, m.text),
-    Header: lambda m: _text(HEADER, UINT32, m.xml),
-    Close: lambda m: [MESSAGE_ID.pack(CLOSE)],
-    Text: lambda m: _text(TEXT, UINT32, m.text),
-    Error: lambda m: _text(ERROR, UINT64, m.text),
-    Acquisition: _enc_acquisition,
-    Image: _enc_image,
-    Waveform: _enc_waveform,
-    ReconData: _enc_recon_data,
+_ENCODERS: dict[type, tuple[int, Callable[[Any], Chunks]]] = {
+    ConfigFile: (CONFIG_FILE, config_file_payload),
+    ConfigText: (CONFIG_TEXT, lambda m: text_payload(UINT32, m.text)),
+    Header: (HEADER, lambda m: text_payload(UINT32, m.xml)),
+    Close: (CLOSE, lambda m: []),
+    Text: (TEXT, lambda m: text_payload(UINT32, m.text)),
+    Error: (ERROR, lambda m: text_payload(UINT64, m.text)),
+    Acquisition: (ACQUISITION, acquisition_payload),
+    Image: (IMAGE, image_payload),
+    Waveform: (WAVEFORM, waveform_payload),
+    ReconData: (RECON_DATA, recon_data_payload),
 }
 
 

@@ -7,7 +7,8 @@ Routes (GET only; anything else is 404/405):
               else 503 with the failing checks' details.
 ``/readyz``   readiness: 200 when every check passes, else 503; the body is JSON
               ``{"ready": bool, "checks": {name: {"ok": bool, "detail": str}}}``.
-``/metrics``  the registry in the Prometheus text format (``text/plain; version=0.0.4``).
+``/metrics``  the registry in the Prometheus text format (``text/plain; version=0.0.4``), written by
+              ``prometheus_client.generate_latest``.
 
 Checks are plain callables returning ``(ok, detail)``; :func:`spool_writable`,
 :func:`thread_alive` and :func:`queue_ready` build the usual ones. The endpoint binds
@@ -27,7 +28,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from recon_server.ops.service_metrics import REGISTRY, Registry
+from prometheus_client import CollectorRegistry, generate_latest
+
+from recon_server.ops.service_metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class OpsServer:
         port: int = 0,
         *,
         checks: Mapping[str, Check] | None = None,
-        registry: Registry = REGISTRY,
+        registry: CollectorRegistry = REGISTRY,
         liveness: Mapping[str, Check] | None = None,
     ) -> None:
         self.host, self.port = host, port
@@ -137,7 +140,7 @@ class OpsServer:
                     body = json.dumps({"ready": ready, "checks": results}, indent=1).encode() + b"\n"
                     self._send(200 if ready else 503, body, "application/json")
                 elif path == "/metrics":
-                    self._send(200, ops.registry.render().encode(), CONTENT_TYPE_METRICS)
+                    self._send(200, generate_latest(ops.registry), CONTENT_TYPE_METRICS)
                 else:
                     self._send(404, b"not found: try /healthz, /readyz, /metrics\n", "text/plain")
 

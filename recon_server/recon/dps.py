@@ -369,33 +369,13 @@ def dds_sample(
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             x0 = denoise(x, torch.full((b,), s, dtype=torch.float32, device=x.device)).float()
             x0 = _restrict(x0, support)
-            x0c = to_complex(x0)
-            g: float | Tensor = gamma
-            if data_weight > 0 and noise_sigma is not None:
-                g = gamma + data_weight * (noise_sigma.to(x.device).reshape(-1, 1, 1) / s) ** 2
-
-            def system(v: Tensor, g: float | Tensor = g) -> Tensor:
-                return forward_op.normal(v) + g * v
-
-            z = conjugate_gradient(
-                system,
-                aty + g * x0c,
-                iters=cg_iters,
-                tol=1e-7,
-                x0=x0c,
-                dims=(-2, -1),
-            )
+            weight = _proximity_weight(gamma, data_weight, noise_sigma, s, x.device)
+            z = _data_consistent(forward_op, aty, to_complex(x0), weight, cg_iters)
             if callback is not None:
                 callback(i, z, residual_norm(forward_op, z, y))
             if s_next <= 0:
                 break
-            if not renoise:
-                x = to_channels(z)
-                continue
-            eps = (x - x0) / s
-            c = eta * s_next * math.sqrt(max(0.0, 1.0 - (s_next / s) ** 2))
-            noise = randn(tuple(x.shape), generator, x.device) if c > 0 else torch.zeros_like(x)
-            x = to_channels(z) + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps + c * noise
+            x = _ddim_renoise(x, x0, z, s, s_next, eta, generator) if renoise else to_channels(z)
     z = _restrict(z, support)
     settings: dict[str, object] = {
         "sampler": "dds",
@@ -411,6 +391,36 @@ def dds_sample(
         "warm_start": init is not None,
     }
     return SampleResult(z, steps, 0, residual_norm(forward_op, z, y), settings)
+
+
+def _proximity_weight(
+    gamma: float, data_weight: float, noise_sigma: Tensor | None, s: float, device: torch.device
+) -> float | Tensor:
+    """DDS's weight on the denoised image: ``gamma``, plus ``lambda (noise_sigma / s)^2`` per item."""
+    if data_weight > 0 and noise_sigma is not None:
+        return gamma + data_weight * (noise_sigma.to(device).reshape(-1, 1, 1) / s) ** 2
+    return gamma
+
+
+def _data_consistent(
+    forward_op: ForwardModel, aty: Tensor, x0c: Tensor, weight: float | Tensor, cg_iters: int
+) -> Tensor:
+    """``cg_iters`` CG iterations on ``(A^H A + weight) z = A^H y + weight x0``, started at ``x0``."""
+
+    def system(v: Tensor) -> Tensor:
+        return forward_op.normal(v) + weight * v
+
+    return conjugate_gradient(system, aty + weight * x0c, iters=cg_iters, tol=1e-7, x0=x0c, dims=(-2, -1))
+
+
+def _ddim_renoise(
+    x: Tensor, x0: Tensor, z: Tensor, s: float, s_next: float, eta: float, generator: Generators
+) -> Tensor:
+    """DDIM from level ``s`` to ``s_next`` around the data-consistent ``z``; ``eta`` scales fresh noise."""
+    eps = (x - x0) / s
+    c = eta * s_next * math.sqrt(max(0.0, 1.0 - (s_next / s) ** 2))
+    noise = randn(tuple(x.shape), generator, x.device) if c > 0 else torch.zeros_like(x)
+    return to_channels(z) + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps + c * noise
 
 
 # --------------------------------------------------------------------------- stopping

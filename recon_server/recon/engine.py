@@ -357,13 +357,15 @@ def reconstruct_volume(
     amp: bool = True,
     noise_sigma: float | None = None,
     cpu_precision: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
 ) -> VolumeResult:
     """Run ``spec`` on every slice (``samples`` posterior samples each); see the module docstring.
 
     ``kspace``/``maps``: complex ``(S, C, ky, kx)``; ``mask``: ``(ky, kx)``, ``(S, ky, kx)`` or
     ``(S, 1, ky, kx)``. ``noise_sigma``: the noise of one k-space sample (1 after prewhitening);
-    None: estimated from the data (:func:`recon_server.recon.noise.noise_level`). Returns a
-    :class:`VolumeResult` with tensors on the CPU.
+    None: estimated from the data (:func:`recon_server.recon.noise.noise_level`).
+    ``progress(done, total)`` after each batch of items. Returns a :class:`VolumeResult` with
+    tensors on the CPU.
     """
     t_start = time.perf_counter()
     _check_volume(kspace, maps)
@@ -385,24 +387,27 @@ def reconstruct_volume(
     n_slices = kspace.shape[0]
     items = [(k, s) for k in range(samples) for s in range(n_slices)]
 
+    def operator(idx: Tensor) -> SenseOperator:
+        return SenseOperator(maps[idx], mask_t[idx] if per_slice_mask else mask_t)
+
     def run(batch: list[tuple[int, int]]) -> SampleResult:
         idx = torch.tensor([s for _, s in batch], device=dev)
-        op = SenseOperator(maps[idx], mask_t[idx] if per_slice_mask else mask_t)
+        op = operator(idx)
         y = kspace[idx] * op.mask / scale[idx, None, None, None]
+        noise = None if sigma_y is None else sigma_y[idx]
         init = None
         if spec.warm_sigma is not None:
-            noise = None if sigma_y is None else sigma_y[idx]
             init = WARM_STARTS[spec.warm_start](y, maps[idx], op.mask, noise_sigma=noise)
         support = op.maps.abs().square().sum(dim=1) > 0  # pixels some coil sees (ESPIRiT crops)
-        noise = None if sigma_y is None else sigma_y[idx]
         return spec.run(denoise, op, y, item_generators(seed, batch), init, support, noise)
 
     if batch_size is None:
         if dev.type == "cuda":
+            one = torch.tensor([0], device=dev)
             per_item = _measure_item_bytes(
                 lambda: dataclasses.replace(spec, steps=1).run(
                     denoise,
-                    SenseOperator(maps[:1], mask_t[:1] if per_slice_mask else mask_t),
+                    operator(one),
                     kspace[:1] / scale[:1, None, None, None],
                     item_generators(seed, [(0, 0)]),
                     None,
@@ -415,21 +420,9 @@ def reconstruct_volume(
             batch_size = min(DEFAULT_CPU_BATCH, len(items))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-    images = torch.empty((samples, n_slices, *kspace.shape[-2:]), dtype=torch.complex64)
-    nfe = 0
-    residuals = torch.empty(len(items))
-    for start in range(0, len(items), batch_size):
-        check_stop()  # the worker's time limit / cancellation, also between batches
-        batch = items[start : start + batch_size]
-        result = run(batch)
-        nfe = result.nfe
-        rescaled = (result.image * scale[[s for _, s in batch], None, None]).cpu()
-        for j, (k, s) in enumerate(batch):
-            images[k, s] = rescaled[j]
-        residuals[start : start + len(batch)] = result.residual.cpu()
-    mean = images.mean(dim=0)
-    std = images.abs().std(dim=0, correction=1) if samples > 1 else None
+    images, residuals, nfe = _run_items(
+        run, items, (samples, n_slices, *kspace.shape[-2:]), scale, batch_size, progress
+    )
     settings = {
         **spec.describe(),
         "samples": samples,
@@ -441,8 +434,8 @@ def reconstruct_volume(
         "residual_rel_mean": round(float(residuals.mean()), 5),
     }
     return VolumeResult(
-        image=mean,
-        std=std,
+        image=images.mean(dim=0),
+        std=images.abs().std(dim=0, correction=1) if samples > 1 else None,
         nfe=nfe,
         samples=samples,
         batch_size=batch_size,
@@ -451,3 +444,29 @@ def reconstruct_volume(
         seconds=time.perf_counter() - t_start,
         settings=settings,
     )
+
+
+def _run_items(
+    run: Callable[[list[tuple[int, int]]], SampleResult],
+    items: list[tuple[int, int]],
+    shape: tuple[int, ...],
+    scale: Tensor,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Tensor, Tensor, int]:
+    """``(images (samples, slices, ky, kx) in data units, residual per item, NFE)``, batch by batch."""
+    images = torch.empty(shape, dtype=torch.complex64)
+    residuals = torch.empty(len(items))
+    nfe = 0
+    for start in range(0, len(items), batch_size):
+        check_stop()  # the worker's time limit / cancellation, also between batches
+        batch = items[start : start + batch_size]
+        result = run(batch)
+        nfe = result.nfe
+        rescaled = (result.image * scale[[s for _, s in batch], None, None]).cpu()
+        for j, (k, s) in enumerate(batch):
+            images[k, s] = rescaled[j]
+        residuals[start : start + len(batch)] = result.residual.cpu()
+        if progress is not None:
+            progress(start + len(batch), len(items))
+    return images, residuals, nfe

@@ -11,17 +11,20 @@ Diffusion (:class:`DiffusionMethod`, need a trained model; docs/dps.md):
 - ``dps-fast``: decomposed sampler (DDS): denoise, CG data consistency, DDIM re-noise, no backprop;
 - ``dps-warm``: the same steps started from CG-SENSE noised to sigma 1 (the end of the schedule).
 
-The model directory: ``RECON_SERVER_MODEL_DIR`` if set, else :data:`DIFFUSION` ``.model_dir`` (the
-service configuration sets it with :func:`configure_diffusion`), else :data:`DEFAULT_MODEL_DIR`.
-A preloaded denoiser (e.g. the ONNX Runtime one) may be injected with
-``configure_diffusion(denoiser=...)``; the no-backprop samplers run on it, ``dps`` needs torch.
+Their settings travel explicitly: a :class:`DiffusionSettings` (model directory, preloaded
+denoiser, samples, seed, device, per-method overrides) goes with each call of :func:`run_method`
+(the service builds it from its configuration, evaluation and the CLI from their options). The
+model directory: ``RECON_SERVER_MODEL_DIR`` if set, else ``DiffusionSettings.model_dir``, else
+:data:`DEFAULT_MODEL_DIR`. A preloaded denoiser (e.g. the ONNX Runtime one) in
+``DiffusionSettings.denoiser`` is used instead of loading the directory; the no-backprop samplers
+run on it, ``dps`` needs torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +36,8 @@ from torch import Tensor
 from recon_server.recon.classic import cg_sense, l1_wavelet, zero_filled
 
 __all__ = [
+    "DEFAULT_FALLBACK_METHOD",
     "DEFAULT_MODEL_DIR",
-    "DIFFUSION",
     "FALLBACK_GAMMA",
     "FALLBACK_ZETA",
     "METHODS",
@@ -43,14 +46,15 @@ __all__ = [
     "MethodOutput",
     "ReconMethod",
     "ReconProblem",
-    "configure_diffusion",
     "get_method",
-    "model_directory",
+    "ProgressFn",
     "pick_by_acceleration",
     "run_method",
 ]
 
 MODEL_DIR_ENV = "RECON_SERVER_MODEL_DIR"
+#: What reconstructs a scan whose method failed, unless the configuration says otherwise.
+DEFAULT_FALLBACK_METHOD = "cg-sense"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "flair-stroke-demo"
 # Documented fallbacks while a card's entries are placeholders ("tuned": false): the reference's
 # zeta ~ 1 for DPS (normalised gradient step) and a CG proximity weight of 0.05 for DDS (data
@@ -112,9 +116,13 @@ class MethodOutput:
     model_version: str = ""
 
 
-@dataclass
+#: ``progress(done, total)``: items (posterior sample x slice) reconstructed so far.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
 class DiffusionSettings:
-    """Process-wide settings of the diffusion methods (set by the service config or evaluation).
+    """Settings of the diffusion methods, passed with each call (module docstring).
 
     ``model_dir`` None -> env / default (module docstring); ``denoiser``: a preloaded denoiser
     object (same call signature as ``EDMDenoiser``) used instead of loading ``model_dir``;
@@ -132,25 +140,12 @@ class DiffusionSettings:
     device: str | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-
-DIFFUSION = DiffusionSettings()
-
-
-def configure_diffusion(**changes: Any) -> DiffusionSettings:
-    """Change fields of :data:`DIFFUSION` in place (unknown names raise TypeError); returns it."""
-    for key, value in changes.items():
-        if key not in {f.name for f in dataclasses.fields(DiffusionSettings)}:
-            raise TypeError(f"unknown diffusion setting {key!r}")
-        setattr(DIFFUSION, key, Path(value) if key == "model_dir" and value is not None else value)
-    return DIFFUSION
-
-
-def model_directory() -> Path:
-    """``$RECON_SERVER_MODEL_DIR``, else ``DIFFUSION.model_dir``, else :data:`DEFAULT_MODEL_DIR`."""
-    env = os.environ.get(MODEL_DIR_ENV, "").strip()
-    if env:
-        return Path(env)
-    return DIFFUSION.model_dir if DIFFUSION.model_dir is not None else DEFAULT_MODEL_DIR
+    def model_directory(self) -> Path:
+        """``$RECON_SERVER_MODEL_DIR``, else ``model_dir``, else :data:`DEFAULT_MODEL_DIR`."""
+        env = os.environ.get(MODEL_DIR_ENV, "").strip()
+        if env:
+            return Path(env)
+        return Path(self.model_dir) if self.model_dir is not None else DEFAULT_MODEL_DIR
 
 
 def nearest_acceleration(table: dict[Any, Any], acceleration: float) -> Any:
@@ -182,8 +177,10 @@ class DiffusionMethod:
         self.default_steps = steps
         self.warm_sigma = warm_sigma
 
-    def spec(self, card: Any, acceleration: float) -> Any:
-        """``(SamplerSpec, tuned)`` for a model card (None: fallbacks) and an acceleration R."""
+    def spec(self, card: Any, acceleration: float, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+        """``(SamplerSpec, tuned)`` for a model card (None: fallbacks) and an acceleration R;
+        ``overrides[name]`` beats the card."""
+        overrides = overrides or {}
         from recon_server.recon.engine import SamplerSpec
 
         defaults = dict(getattr(card, "sampler_defaults", {}) or {})
@@ -210,30 +207,39 @@ class DiffusionMethod:
                     kw[key] = section[key]
             if tuned and section.get("per_acceleration"):  # a whole schedule per R (tune_sampler.py)
                 kw.update(nearest_acceleration(section["per_acceleration"], acceleration))
-        kw.update(DIFFUSION.overrides.get(self.name, {}))
+        kw.update(overrides.get(self.name, {}))
         return SamplerSpec(**kw), tuned
 
-    def detailed(self, problem: ReconProblem, *, samples: int | None = None) -> MethodOutput:
-        """Reconstruct with the configured model; the SD map when ``samples`` > 1."""
+    def detailed(
+        self,
+        problem: ReconProblem,
+        *,
+        samples: int | None = None,
+        diffusion: DiffusionSettings | None = None,
+        progress: ProgressFn | None = None,
+    ) -> MethodOutput:
+        """Reconstruct with the model ``diffusion`` names; the SD map when ``samples`` > 1."""
         from recon_server.recon.engine import load_model, reconstruct_volume, select_device
 
-        device = select_device(DIFFUSION.device or problem.kspace.device)
+        settings = diffusion or DiffusionSettings()
+        model_dir = settings.model_directory()
+        device = select_device(settings.device or problem.kspace.device)
         card: Any = None
-        denoiser = DIFFUSION.denoiser
+        denoiser = settings.denoiser
         if denoiser is None:
-            denoiser, card = load_model(model_directory(), device)
-        elif (model_directory() / "card.json").is_file():  # injected denoiser: settings from its card
+            denoiser, card = load_model(model_dir, device)
+        elif (model_dir / "card.json").is_file():  # injected denoiser: settings from its card
             from recon_server.dpm.checkpoint import read_card
 
-            card = read_card(model_directory())
+            card = read_card(model_dir)
         if self.kind == "dps" and not isinstance(denoiser, torch.nn.Module):
             raise ValueError(
                 f"method {self.name!r} backpropagates through the network: it needs the torch backend"
             )
         if not problem.contrast:
             raise ValueError(f"method {self.name!r} needs the scan's contrast (none in the header)")
-        spec, tuned = self.spec(card, problem.acceleration)
-        n = DIFFUSION.samples if samples is None else samples
+        spec, tuned = self.spec(card, problem.acceleration, settings.overrides)
+        n = settings.samples if samples is None else samples
         result = reconstruct_volume(
             denoiser,
             problem.contrast,
@@ -242,12 +248,13 @@ class DiffusionMethod:
             problem.mask,
             spec,
             samples=n,
-            seed=DIFFUSION.seed,
-            batch_size=DIFFUSION.batch_size,
+            seed=settings.seed,
+            batch_size=settings.batch_size,
             device=device,
-            amp=DIFFUSION.amp,
+            amp=settings.amp,
             noise_sigma=problem.noise_sigma,
-            cpu_precision=DIFFUSION.cpu_precision,
+            cpu_precision=settings.cpu_precision,
+            progress=progress,
         )
         settings = {**result.settings, "weights_tuned": tuned}
         return MethodOutput(
@@ -272,15 +279,28 @@ METHODS: dict[str, ReconMethod] = {
 }
 
 
-def run_method(name: str, problem: ReconProblem, *, samples: int | None = None) -> MethodOutput:
+def run_method(
+    name: str,
+    problem: ReconProblem,
+    *,
+    samples: int | None = None,
+    diffusion: DiffusionSettings | None = None,
+    progress: ProgressFn | None = None,
+) -> MethodOutput:
     """Run a registered method; diffusion methods give provenance and (samples > 1) an SD map.
 
-    ``samples=None`` takes the configured number of posterior samples (``configure_diffusion``).
+    ``diffusion``: the diffusion methods' settings (None: the defaults); ``samples=None`` takes
+    its number of posterior samples. ``progress(done, total)`` is called as the items are done
+    (once at the end for the classical methods, which run the volume at once).
     """
     method = get_method(name)
     if isinstance(method, DiffusionMethod):
-        return method.detailed(problem, samples=samples)
-    return MethodOutput(image=method(problem))
+        return method.detailed(problem, samples=samples, diffusion=diffusion, progress=progress)
+    image = method(problem)
+    if progress is not None:
+        slices = int(problem.kspace.shape[0])
+        progress(slices, slices)
+    return MethodOutput(image=image)
 
 
 def get_method(name: str) -> ReconMethod:

@@ -46,29 +46,26 @@ every other method raises :class:`NoCalibrationError`, and its fallback is ``zer
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import functools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import wait as futures_wait
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from recon_server import __version__
-from recon_server.mrd.assemble import parse_header
-from recon_server.ops import service_metrics as ops_metrics
+from recon_server.ops import service_metrics
 from recon_server.recon import classic, coils, noise
 from recon_server.recon.dps import SamplingStopped, stop_check
-from recon_server.recon.methods import MethodOutput, ReconProblem, get_method, run_method
+from recon_server.recon.methods import (
+    DiffusionSettings,
+    MethodOutput,
+    ReconProblem,
+    get_method,
+    run_method,
+)
 from recon_server.scan import ImageVolume, KSpaceScan, Provenance
-from recon_server.service.config import DEFAULT_FALLBACK_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,6 @@ TARGET_P99 = 1000.0
 SD_SERIES_OFFSET = 500
 SD_IMAGE_TYPE = ["DERIVED", "SECONDARY", "OTHER", "SD"]
 
-Sink = Callable[[ImageVolume], None]
 
 #: Exceptions of a method that make the fallback reconstruct the scan (torch.OutOfMemoryError is a
 #: RuntimeError; a missing model file is an OSError or a CheckpointError, a ValueError).
@@ -163,15 +159,37 @@ def coil_maps(calibration: torch.Tensor, image_shape: tuple[int, int]) -> tuple[
         return coils.inati_maps(calibration, image_shape), "inati"
 
 
-def protocol_name(header_xml: str) -> str:
-    """measurementInformation.protocolName of the header, or ``""``."""
-    info = parse_header(header_xml).measurementInformation
-    return str(info.protocolName) if info is not None and info.protocolName else ""
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """How far one scan's reconstruction is: ``done`` of ``total`` slices (x posterior samples)."""
+
+    label: str  # protocol name or contrast
+    method: str
+    done: int
+    total: int
+    elapsed_s: float
+
+    def text(self) -> str:
+        """One line, e.g. ``FLAIR dps-fast: slice 3/16, 12.0 s elapsed, 4.00 s/slice``."""
+        per = self.elapsed_s / max(self.done, 1)
+        return (
+            f"{self.label} {self.method}: slice {self.done}/{self.total}, "
+            f"{self.elapsed_s:.1f} s elapsed, {per:.2f} s/slice"
+        )
 
 
-def reconstruct(scan: KSpaceScan, *, method: str, device: str | torch.device = "cpu") -> ImageVolume:
+ProgressSink = Callable[[Progress], None]
+
+
+def reconstruct(
+    scan: KSpaceScan,
+    *,
+    method: str,
+    device: str | torch.device = "cpu",
+    diffusion: DiffusionSettings | None = None,
+) -> ImageVolume:
     """Reconstruct one assembled scan with the named method (see the module docstring)."""
-    return reconstruct_all(scan, method=method, device=device)[0]
+    return reconstruct_all(scan, method=method, device=device, diffusion=diffusion)[0]
 
 
 def _window(magnitude: np.ndarray) -> tuple[float, float]:
@@ -188,10 +206,14 @@ def reconstruct_all(
     fallback: str | None = None,
     time_limit: Callable[[str], float | None] | None = None,
     cancelled: Callable[[], ReconCancelled | None] | None = None,
+    diffusion: DiffusionSettings | None = None,
+    progress: ProgressSink | None = None,
 ) -> list[ImageVolume]:
     """The image volume, plus its SD-map volume when ``samples`` > 1 posterior samples were drawn.
 
-    ``samples=None`` uses the configured number (``recon.methods.configure_diffusion``).
+    ``diffusion``: the diffusion methods' settings (model, seed, overrides; None: defaults);
+    ``samples=None`` uses its number of posterior samples. ``progress`` receives a
+    :class:`Progress` as slices are done.
     ``fallback``: the method that reconstructs the scan if ``method`` fails (module docstring);
     None (or the same method): the failure is raised. ``time_limit(method)``: seconds each method
     may run (None: no limit); a diffusion sampler past it raises :class:`TimeLimitExceeded`, which
@@ -206,7 +228,7 @@ def reconstruct_all(
         raise ValueError(f"samples must be >= 1, got {samples}")
     try:
         with stop_check(_stop_check(method, limit(method), cancelled)):
-            return _reconstruct_all(scan, method=method, device=device, samples=samples)
+            return _reconstruct_all(scan, method, device, samples, diffusion, progress)
     except FALLBACK_ERRORS as exc:
         if isinstance(exc, ReconCancelled):
             raise
@@ -230,7 +252,7 @@ def reconstruct_all(
             fallback_device = "cpu"
         try:
             with stop_check(_stop_check(fallback, limit(fallback), cancelled)):
-                volumes = _reconstruct_all(scan, method=fallback, device=fallback_device, samples=samples)
+                volumes = _reconstruct_all(scan, fallback, fallback_device, samples, diffusion, progress)
         except FALLBACK_ERRORS as exc2:
             if isinstance(exc2, ReconCancelled):
                 raise
@@ -238,7 +260,7 @@ def reconstruct_all(
                 f"method {method} failed ({reason}); the fallback {fallback} failed too: "
                 f"{type(exc2).__name__}: {' '.join(str(exc2).split())}"
             ) from exc2
-    ops_metrics.fallback_used(method, fallback, reason_class)
+    service_metrics.fallback_used(method, fallback, reason_class)
     return [mark_fallback(volume, method=method, reason=reason) for volume in volumes]
 
 
@@ -269,8 +291,28 @@ def recon_problem(
     )
 
 
+def _progress_fn(
+    scan: KSpaceScan, method: str, progress: ProgressSink | None
+) -> Callable[[int, int], None] | None:
+    """The methods' ``progress(done, total)`` as :class:`Progress` for ``progress``."""
+    if progress is None:
+        return None
+    label = scan.header.protocol_name or scan.contrast or "MR"
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        progress(Progress(label, method, done, total, time.perf_counter() - t0))
+
+    return report
+
+
 def _reconstruct_all(
-    scan: KSpaceScan, *, method: str, device: str | torch.device, samples: int | None
+    scan: KSpaceScan,
+    method: str,
+    device: str | torch.device,
+    samples: int | None,
+    diffusion: DiffusionSettings | None,
+    progress: ProgressSink | None,
 ) -> list[ImageVolume]:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -294,7 +336,13 @@ def _reconstruct_all(
         maps, maps_name = coil_maps(calib, (kspace.shape[-2], kspace.shape[-1]))
         settings["coil_maps"] = maps_name
         t2 = time.perf_counter()
-        out = run_method(method, recon_problem(scan, kspace, maps, whitened=whitened), samples=samples)
+        out = run_method(
+            method,
+            recon_problem(scan, kspace, maps, whitened=whitened),
+            samples=samples,
+            diffusion=diffusion,
+            progress=_progress_fn(scan, method, progress),
+        )
     t3 = time.perf_counter()
     settings.update(out.settings)
     magnitude = out.image.abs().to(torch.float32).cpu().numpy()
@@ -306,7 +354,7 @@ def _reconstruct_all(
     settings["seconds_coils"] = round(t2 - t1, 3)
     settings["seconds_method"] = round(t3 - t2, 3)
     settings["seconds"] = round(time.perf_counter() - t0, 3)
-    label = protocol_name(scan.header_xml) or scan.contrast or "MR"
+    label = scan.header.protocol_name or scan.contrast or "MR"
     provenance = Provenance(
         method=method,
         settings=settings,
@@ -356,32 +404,8 @@ class ReconCancelled(RuntimeError):
     """
 
 
-class ServiceStopping(ReconCancelled):
-    """The server shuts down: the scan stays in the journal and a restart reconstructs it."""
-
-
 class TimeLimitExceeded(SamplingStopped):
     """A method ran past its time limit (``ServiceConfig.time_limit_for``); the fallback takes over."""
-
-
-def volume_key(volume: ImageVolume) -> str:
-    """A volume's name within its stream's scans (``<role>-<series_index>``), for the journal."""
-    return f"{volume.role}-{volume.series_index}"
-
-
-class DeliveryLog(Protocol):
-    """Where :meth:`ReconService.run` records what reached every sink (the scan journal)."""
-
-    @property
-    def tag(self) -> str: ...
-
-    def planned(self, keys: list[str]) -> None: ...
-
-    def is_delivered(self, key: str) -> bool: ...
-
-    def delivered(self, key: str) -> None: ...
-
-    def output_failed(self, key: str, reason: str) -> None: ...
 
 
 def _stop_check(
@@ -401,243 +425,3 @@ def _stop_check(
             )
 
     return check
-
-
-@dataclasses.dataclass
-class _Job:
-    scan: KSpaceScan
-    method: str
-    samples: int | None
-    context: contextvars.Context  # the submitting connection's (measurement id in every log line)
-    future: Future
-    cancel: threading.Event | None = None  # set by the connection: the client went away
-    submitted: float = dataclasses.field(default_factory=time.monotonic)
-
-
-class ReconWorker:
-    """One thread that runs every reconstruction in order (one device, bounded queue).
-
-    ``time_limit(method)`` seconds (``ServiceConfig.time_limit_for``; None: no limit) bound each
-    method run: the diffusion samplers stop at the next step past it (:class:`TimeLimitExceeded`,
-    a TimeoutError) and the fallback reconstructs the scan, or the scan fails without one. The
-    classical methods have no step check; they finish. A job whose ``cancel`` event is set is
-    dropped before it starts or stopped at the next step (:class:`ReconCancelled`, no fallback);
-    :meth:`stop` does the same to every job.
-    """
-
-    def __init__(
-        self,
-        *,
-        device: str = "cpu",
-        max_pending: int = 8,
-        fallback: str | None = DEFAULT_FALLBACK_METHOD,
-        time_limit: Callable[[str], float | None] | None = None,
-    ) -> None:
-        self.device = device
-        self.fallback = fallback  # reconstructs a scan whose method failed (None: the scan fails)
-        self.time_limit = time_limit or (lambda method: None)
-        self._queue: queue.Queue[_Job | None] = queue.Queue(max_pending)
-        self._stopping = threading.Event()
-        self._busy: tuple[float, str] | None = None  # (monotonic start, method) of the running job
-        self._thread = threading.Thread(target=self._run, name="recon-worker", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def waiting(self) -> int:
-        """Jobs queued and not yet started."""
-        return self._queue.qsize()
-
-    def busy(self) -> tuple[float, str] | None:
-        """``(seconds running, method)`` of the running job, or None when idle."""
-        busy = self._busy
-        return None if busy is None else (time.monotonic() - busy[0], busy[1])
-
-    def stuck(self, *, margin_s: float = 60.0) -> str:
-        """Why the worker looks stuck (running past its method's time limit + ``margin_s``), or ``""``."""
-        busy = self.busy()
-        if busy is None:
-            return ""
-        seconds, method = busy
-        limit = self.time_limit(method)
-        if limit is not None and seconds > limit + margin_s:
-            return f"{method} running for {seconds:.0f} s (time limit {limit:g} s)"
-        return ""
-
-    def submit(
-        self,
-        scan: KSpaceScan,
-        method: str,
-        *,
-        samples: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Future:
-        """Queue a scan; the future resolves to its volumes (:func:`reconstruct_all`) or its exception."""
-        if self._stopping.is_set():
-            raise ServiceStopping("server shutting down")
-        future: Future = Future()
-        self._queue.put(_Job(scan, method, samples, contextvars.copy_context(), future, cancel))
-        ops_metrics.QUEUE_WAITING.set(self._queue.qsize())
-        return future
-
-    def _cancelled(self, job: _Job) -> ReconCancelled | None:
-        if self._stopping.is_set():
-            return ServiceStopping("server shutting down")
-        if job.cancel is not None and job.cancel.is_set():
-            return ReconCancelled("the client went away")
-        return None
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            ops_metrics.QUEUE_WAITING.set(self._queue.qsize())
-            if job is None:
-                return
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            stop = self._cancelled(job)
-            if stop is not None:
-                reason = "shutdown" if isinstance(stop, ServiceStopping) else "client-gone"
-                ops_metrics.job_cancelled(job.method, reason)
-                job.future.set_exception(stop)
-                continue
-            ops_metrics.QUEUE_WAIT.observe(time.monotonic() - job.submitted)
-            self._busy = (time.monotonic(), job.method)
-            try:
-                volumes = job.context.run(
-                    functools.partial(
-                        reconstruct_all,
-                        job.scan,
-                        method=job.method,
-                        device=self.device,
-                        samples=job.samples,
-                        fallback=self.fallback,
-                        time_limit=self.time_limit,
-                        cancelled=functools.partial(self._cancelled, job),
-                    )
-                )
-                job.future.set_result(volumes)
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting connection
-                if isinstance(exc, ReconCancelled):
-                    reason = "shutdown" if isinstance(exc, ServiceStopping) else "client-gone"
-                    ops_metrics.job_cancelled(job.method, reason)
-                job.future.set_exception(exc)
-            finally:
-                self._busy = None
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Drop the queued jobs (:class:`ServiceStopping`), stop the running one at its next step
-        and end the thread; True when it ended within ``timeout_s``."""
-        self._stopping.set()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ServiceStopping("server shutting down"))
-        try:
-            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        return not self._thread.is_alive()
-
-    def close(self) -> None:
-        self.stop(5.0)
-
-
-#: Seconds between two looks at ``poll`` while a connection waits for its reconstruction.
-POLL_INTERVAL_S = 0.2
-
-
-class ReconService:
-    """Scans -> volumes through the worker, then every sink (DICOM writer, spool...) in order."""
-
-    def __init__(
-        self,
-        *,
-        methods: Callable[[str], str],
-        worker: ReconWorker,
-        sinks: list[Sink] | None = None,
-    ) -> None:
-        self.methods = methods
-        self.worker = worker
-        self.sinks = list(sinks or [])
-
-    def run(
-        self,
-        scans: list[KSpaceScan],
-        *,
-        method: str | None = None,
-        samples: int | None = None,
-        delivery: DeliveryLog | None = None,
-        cancel: threading.Event | None = None,
-        poll: Callable[[], None] | None = None,
-    ) -> list[ImageVolume]:
-        """Reconstruct each scan (``method`` overrides the per-contrast choice) and feed the sinks.
-
-        Returns every volume in scan order: each image, followed by its SD map when posterior
-        samples were drawn. ``poll()`` is called every :data:`POLL_INTERVAL_S` while waiting; an
-        exception it raises ends the wait (``cancel`` is set first, so the worker drops or stops
-        the jobs). ``delivery`` records the volumes planned and those every sink took; volumes it
-        already holds are not delivered again (a restart after a crash).
-        """
-        cancel = cancel if cancel is not None else threading.Event()
-        try:
-            futures = [
-                self.worker.submit(
-                    scan, method or self.methods(scan.contrast), samples=samples, cancel=cancel
-                )
-                for scan in scans
-            ]
-            volumes = [volume for f in futures for volume in self._wait(f, poll)]
-        except BaseException:
-            cancel.set()
-            raise
-        self.deliver(volumes, delivery)
-        return volumes
-
-    @staticmethod
-    def _wait(future: Future, poll: Callable[[], None] | None) -> list[ImageVolume]:
-        while poll is not None:
-            done, _ = futures_wait([future], timeout=POLL_INTERVAL_S)
-            if done:
-                break
-            poll()
-        return future.result()
-
-    def deliver(self, volumes: list[ImageVolume], delivery: DeliveryLog | None = None) -> None:
-        """Every sink, volume by volume; a failing sink is logged (and recorded in ``delivery``)."""
-        from recon_server.dicom.spool import DELIVERY_TAG  # pydicom only when delivering
-
-        if delivery is not None:
-            delivery.planned([volume_key(v) for v in volumes])
-        for volume in volumes:
-            key = volume_key(volume)
-            if delivery is not None and delivery.is_delivered(key):
-                log.info("measurement %s: volume %s was delivered before", volume.measurement_id, key)
-                continue
-            failures = []
-            token = DELIVERY_TAG.set(f"{delivery.tag}/{key}" if delivery is not None else None)
-            try:
-                for sink in self.sinks:
-                    # A failing output (e.g. DICOM refused for missing identifiers) must not cost the
-                    # peer its images: log it with the scan id and go on; the sink keeps what it wrote.
-                    name = getattr(sink, "__name__", type(sink).__name__)
-                    try:
-                        sink(volume)
-                    except (ValueError, OSError) as exc:
-                        log.error("measurement %s: output %s failed: %s", volume.measurement_id, name, exc)
-                        failures.append(f"output {name}: {type(exc).__name__}: {exc}")
-            finally:
-                DELIVERY_TAG.reset(token)
-            if delivery is not None:
-                if failures:
-                    delivery.output_failed(key, "; ".join(failures))
-                else:
-                    delivery.delivered(key)

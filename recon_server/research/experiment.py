@@ -36,58 +36,6 @@ log = logging.getLogger(__name__)
 PAPER_LRS = "5e-4,1e-4,5e-5,1e-5"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``recon-server experiment paper``."""
-    from recon_server.cli.options import positive_int
-    from recon_server.cli.research import _float_list, _int_list, _model_options
-
-    p.add_argument(
-        "--pretrained", type=Path, help="pre-trained checkpoint (else pre-train on --pretrain-data)"
-    )
-    p.add_argument("--pretrain-data", type=Path, nargs="*", default=[], help="prepared T1/T2/T1POST slices")
-    p.add_argument("--contrasts", default="T1,T2,T1POST", help="pre-training contrasts")
-    p.add_argument("--flair-data", type=Path, required=True, help="prepared FLAIR slices (training subjects)")
-    p.add_argument("--data", type=Path, required=True, help="held-out simulated FLAIR subjects (sub-XXX/)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model-size", default="demo")
-    p.add_argument("--target-subjects", type=positive_int, default=20, help="N FLAIR subjects")
-    p.add_argument("--pretrain-epochs", type=float, default=200.0)
-    p.add_argument("--scratch-epochs", type=float, help="scratch/many epochs (default: --pretrain-epochs)")
-    p.add_argument("--finetune-epochs", type=float, help="default: 2%% of the pre-training epochs")
-    p.add_argument("--finetune-lr", type=float, default=1e-5)
-    p.add_argument("--pretrain-lr", type=float, default=1e-4, help="lr of pretrain, scratch, many and joint")
-    p.add_argument(
-        "--train-steps",
-        type=positive_int,
-        help="optimizer steps of scratch, many and joint (equal compute; overrides their epochs)",
-    )
-    p.add_argument("--crop", type=positive_int, help="train on random square crops of this size")
-    p.add_argument(
-        "--baselines",
-        default="cg-sense,l1-wavelet",
-        help="classical methods evaluated once on the same subjects (empty: none)",
-    )
-    p.add_argument("--lrs", type=_float_list, default=[float(v) for v in PAPER_LRS.split(",")])
-    p.add_argument(
-        "--lengths", type=_float_list, help="fine-tuning epochs for experiment 2 (default: 0.5x, 1x, 2x)"
-    )
-    p.add_argument("--accel", type=_int_list, default=[4, 5, 6])
-    p.add_argument("--ablation-accel", type=int, default=4)
-    p.add_argument("--method", default="dps-fast")
-    p.add_argument("--subjects", type=positive_int, help="held-out subjects to evaluate")
-    p.add_argument("--slices", type=positive_int, help="central slices per held-out subject")
-    p.add_argument("--batch", type=positive_int, default=32)
-    p.add_argument("--val-subjects", type=int, default=2)
-    p.add_argument("--train-device", default="auto")
-    p.add_argument("--only", choices=["1", "2"], help="run only experiment 1 or 2")
-    p.add_argument(
-        "--reuse",
-        action="store_true",
-        help="keep models already trained in OUT/runs (an interrupted experiment goes on where it stopped)",
-    )
-    _model_options(p)
-
-
 def _options(
     args: argparse.Namespace,
     out: Path,
@@ -127,11 +75,12 @@ def _evaluate(
     methods: list[str] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """NRMSE ``[mean, sd]`` per method and acceleration (``{method: {"R": [m, sd]}}``)."""
-    from recon_server.recon.methods import configure_diffusion
+    from recon_server.recon.methods import DiffusionSettings
     from recon_server.research.evaluate import run_evaluation
 
+    diffusion = getattr(args, "diffusion", None) or DiffusionSettings()
     if model_dir is not None:
-        configure_diffusion(model_dir=model_dir)
+        diffusion = dataclasses.replace(diffusion, model_dir=model_dir)
     doc = run_evaluation(
         args.data,
         accelerations=accels,
@@ -140,6 +89,7 @@ def _evaluate(
         subjects=args.subjects,
         slices=args.slices,
         device=args.device,
+        diffusion=diffusion,
     )
     summary: list[dict[str, Any]] = doc["summary"]  # type: ignore[assignment]
     table: dict[str, dict[str, list[float]]] = {}
@@ -162,121 +112,158 @@ def _pm(v: list[float] | None) -> str:
 
 def run_paper_experiments(args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate and tabulate (module docstring); returns the JSON document with ``markdown``."""
-    from recon_server.dpm.checkpoint import read_card, resolve_checkpoint
+    from recon_server.dpm.checkpoint import read_card
     from recon_server.machine import describe as describe_machine
-    from recon_server.training.runs import finetune, pretrain
 
     out: Path = args.out
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    n = args.target_subjects
-    flair = (args.flair_data,)
     contrasts = [c.strip() for c in args.contrasts.split(",") if c.strip()]
     t0 = time.perf_counter()
-    if args.pretrained is not None:
-        pre_dir = resolve_checkpoint(args.pretrained)
-    else:
-        if not args.pretrain_data:
-            raise ValueError("give --pretrained CKPT or --pretrain-data DIR")
-        data = tuple(args.pretrain_data)
-        opts = _options(
-            args, runs / "pretrained", lr=args.pretrain_lr, epochs=args.pretrain_epochs, data=data
-        )
-        _train_once(args, opts.out, lambda: pretrain(opts, contrasts=contrasts, model_size=args.model_size))
-        pre_dir = resolve_checkpoint(runs / "pretrained")
+    pre_dir = _pretrained(args, runs, contrasts)
     pre_epochs = read_card(pre_dir).training.get("epochs") or args.pretrain_epochs
     ft_epochs = args.finetune_epochs or 0.02 * float(pre_epochs)
-    scratch_epochs = args.scratch_epochs or args.pretrain_epochs
     doc: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "machine": describe_machine(),
         "pretrained": str(pre_dir),
-        "target_subjects": n,
+        "target_subjects": args.target_subjects,
         "method": args.method,
         "finetune_epochs": ft_epochs,
     }
     md = [f"command: `{doc['command']}`", f"machine: {doc['machine']}", ""]
-
     if args.only in (None, "1"):
-        models: dict[str, Path] = {}
-        name = f"finetuned-{n}"
-        opts = _options(args, runs / name, lr=args.finetune_lr, epochs=ft_epochs, data=flair)
-        _train_once(
-            args, opts.out, lambda: finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
-        )
-        models[name] = runs / name
-        lr, steps = args.pretrain_lr, args.train_steps
-        name = f"scratch-{n}"
-        scratch = _options(args, runs / name, lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
-        scratch = dataclasses.replace(scratch, max_subjects=n)
-        _train_once(
-            args, scratch.out, lambda: pretrain(scratch, contrasts=["FLAIR"], model_size=args.model_size)
-        )
-        models[name] = runs / name
-        many = _options(args, runs / "many", lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
-        _train_once(args, many.out, lambda: pretrain(many, contrasts=["FLAIR"], model_size=args.model_size))
-        models["many"] = runs / "many"
-        if args.pretrain_data:
-            joint_data = (*args.pretrain_data, args.flair_data)
-            joint = _options(
-                args, runs / "joint", lr=lr, epochs=args.pretrain_epochs, data=joint_data, steps=steps
-            )
-            _train_once(
-                args,
-                joint.out,
-                functools.partial(
-                    pretrain,
-                    joint,
-                    contrasts=contrasts,
-                    model_size=args.model_size,
-                    joint="FLAIR",
-                    target_subjects=n,
-                ),
-            )
-            models["joint"] = runs / "joint"
-        accels = list(args.accel)
-        table = {m: _evaluate(args, d, accels, m)[args.method] for m, d in models.items()}
-        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-        if baselines:
-            table.update(_evaluate(args, None, accels, "baselines", baselines))
-        doc["experiment1"] = table
-        md += [
-            f"## Experiment 1: training strategies, NRMSE ({args.method}, mean ± sd over subjects)",
-            "",
-            "| model | " + " | ".join(f"R={r}" for r in args.accel) + " |",
-            "|---|" + "---|" * len(args.accel),
-        ]
-        md += [
-            f"| {m} | " + " | ".join(_pm(row.get(str(r))) for r in args.accel) + " |"
-            for m, row in table.items()
-        ]
-        md.append("")
-
+        models = _train_strategies(args, runs, pre_dir, contrasts, ft_epochs)
+        doc["experiment1"] = table = _compare_strategies(args, models)
+        md += _strategies_markdown(args, table)
     if args.only in (None, "2"):
         lengths = args.lengths or [0.5 * ft_epochs, ft_epochs, 2 * ft_epochs]
-        ablation: dict[str, dict[str, list[float] | None]] = {}
-        for lr in args.lrs:
-            ablation[f"{lr:g}"] = {}
-            for length in lengths:
-                name = f"ft-lr{lr:g}-ep{length:g}"
-                ft = _options(args, runs / name, lr=lr, epochs=length, data=flair)
-                _train_once(
-                    args,
-                    ft.out,
-                    functools.partial(finetune, ft, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n),
-                )
-                res = _evaluate(args, runs / name, [args.ablation_accel], name)[args.method]
-                ablation[f"{lr:g}"][f"{length:g}"] = res.get(str(args.ablation_accel))
-        doc["experiment2"] = ablation
-        md += [
-            f"## Experiment 2: fine-tuning lr x length (epochs), NRMSE at R={args.ablation_accel}",
-            "",
-            "| lr | " + " | ".join(f"{ep:g} ep" for ep in lengths) + " |",
-            "|---|" + "---|" * len(lengths),
-        ]
-        md += [f"| {lr} | " + " | ".join(_pm(v) for v in row.values()) + " |" for lr, row in ablation.items()]
+        doc["experiment2"] = ablation = _finetuning_ablation(args, runs, pre_dir, lengths)
+        md += _ablation_markdown(args, lengths, ablation)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     doc["markdown"] = "\n".join(md)
     (out / "experiment.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "experiment.md").write_text(doc["markdown"] + "\n")
     return doc
+
+
+def _pretrained(args: argparse.Namespace, runs: Path, contrasts: list[str]) -> Path:
+    """The checkpoint every fine-tuning starts from: ``--pretrained``, else pre-trained here."""
+    from recon_server.dpm.checkpoint import resolve_checkpoint
+    from recon_server.training.runs import pretrain
+
+    if args.pretrained is not None:
+        return resolve_checkpoint(args.pretrained)
+    if not args.pretrain_data:
+        raise ValueError("give --pretrained CKPT or --pretrain-data DIR")
+    data = tuple(args.pretrain_data)
+    opts = _options(args, runs / "pretrained", lr=args.pretrain_lr, epochs=args.pretrain_epochs, data=data)
+    _train_once(args, opts.out, lambda: pretrain(opts, contrasts=contrasts, model_size=args.model_size))
+    return resolve_checkpoint(runs / "pretrained")
+
+
+def _train_strategies(
+    args: argparse.Namespace, runs: Path, pre_dir: Path, contrasts: list[str], ft_epochs: float
+) -> dict[str, Path]:
+    """Experiment 1's models (module docstring), trained before any is evaluated; ``{name: run dir}``."""
+    from recon_server.training.runs import finetune, pretrain
+
+    n, flair = args.target_subjects, (args.flair_data,)
+    scratch_epochs = args.scratch_epochs or args.pretrain_epochs
+    models: dict[str, Path] = {}
+    name = f"finetuned-{n}"
+    opts = _options(args, runs / name, lr=args.finetune_lr, epochs=ft_epochs, data=flair)
+    _train_once(
+        args, opts.out, lambda: finetune(opts, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=n)
+    )
+    models[name] = runs / name
+    lr, steps = args.pretrain_lr, args.train_steps
+    name = f"scratch-{n}"
+    scratch = _options(args, runs / name, lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
+    scratch = dataclasses.replace(scratch, max_subjects=n)
+    _train_once(args, scratch.out, lambda: pretrain(scratch, contrasts=["FLAIR"], model_size=args.model_size))
+    models[name] = runs / name
+    many = _options(args, runs / "many", lr=lr, epochs=scratch_epochs, data=flair, steps=steps)
+    _train_once(args, many.out, lambda: pretrain(many, contrasts=["FLAIR"], model_size=args.model_size))
+    models["many"] = runs / "many"
+    if args.pretrain_data:
+        joint_data = (*args.pretrain_data, args.flair_data)
+        joint = _options(
+            args, runs / "joint", lr=lr, epochs=args.pretrain_epochs, data=joint_data, steps=steps
+        )
+        _train_once(
+            args,
+            joint.out,
+            functools.partial(
+                pretrain,
+                joint,
+                contrasts=contrasts,
+                model_size=args.model_size,
+                joint="FLAIR",
+                target_subjects=n,
+            ),
+        )
+        models["joint"] = runs / "joint"
+    return models
+
+
+def _compare_strategies(
+    args: argparse.Namespace, models: dict[str, Path]
+) -> dict[str, dict[str, list[float]]]:
+    """Experiment 1's table: NRMSE per model (and classical baseline) and acceleration."""
+    accels = list(args.accel)
+    table = {m: _evaluate(args, d, accels, m)[args.method] for m, d in models.items()}
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if baselines:
+        table.update(_evaluate(args, None, accels, "baselines", baselines))
+    return table
+
+
+def _strategies_markdown(args: argparse.Namespace, table: dict[str, dict[str, list[float]]]) -> list[str]:
+    return [
+        f"## Experiment 1: training strategies, NRMSE ({args.method}, mean ± sd over subjects)",
+        "",
+        "| model | " + " | ".join(f"R={r}" for r in args.accel) + " |",
+        "|---|" + "---|" * len(args.accel),
+        *(
+            f"| {m} | " + " | ".join(_pm(row.get(str(r))) for r in args.accel) + " |"
+            for m, row in table.items()
+        ),
+        "",
+    ]
+
+
+def _finetuning_ablation(
+    args: argparse.Namespace, runs: Path, pre_dir: Path, lengths: list[float]
+) -> dict[str, dict[str, list[float] | None]]:
+    """Experiment 2: fine-tune at every lr x length and evaluate each at ``--ablation-accel``."""
+    from recon_server.training.runs import finetune
+
+    ablation: dict[str, dict[str, list[float] | None]] = {}
+    for lr in args.lrs:
+        ablation[f"{lr:g}"] = {}
+        for length in lengths:
+            name = f"ft-lr{lr:g}-ep{length:g}"
+            ft = _options(args, runs / name, lr=lr, epochs=length, data=(args.flair_data,))
+            _train_once(
+                args,
+                ft.out,
+                functools.partial(
+                    finetune, ft, from_ckpt=pre_dir, contrast="FLAIR", target_subjects=args.target_subjects
+                ),
+            )
+            res = _evaluate(args, runs / name, [args.ablation_accel], name)[args.method]
+            ablation[f"{lr:g}"][f"{length:g}"] = res.get(str(args.ablation_accel))
+    return ablation
+
+
+def _ablation_markdown(
+    args: argparse.Namespace, lengths: list[float], ablation: dict[str, dict[str, list[float] | None]]
+) -> list[str]:
+    return [
+        f"## Experiment 2: fine-tuning lr x length (epochs), NRMSE at R={args.ablation_accel}",
+        "",
+        "| lr | " + " | ".join(f"{ep:g} ep" for ep in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+        *(f"| {lr} | " + " | ".join(_pm(v) for v in row.values()) + " |" for lr, row in ablation.items()),
+    ]

@@ -1,12 +1,16 @@
 """PNG previews for people: tiles of magnitude images (simulator sheets, prior samples, demo).
 
-Pillow writes the files (8-bit greyscale, grey levels kept exactly).
+:func:`magnitude_grid` + :func:`write_png`: bare tiles, written by Pillow (8-bit greyscale, grey
+levels kept exactly). :func:`write_titled_sheet`: tiles with a title over each and one over the
+sheet (matplotlib), for ``simulate --preview`` and the demo's ``preview.png``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +52,57 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(p)  # uint8 (H, W) -> mode "L"
     return p
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One tile of :func:`write_titled_sheet`: a magnitude image, its title, and the grey level
+    shown white (None: the image's own 99.5th percentile)."""
+
+    image: np.ndarray
+    title: str
+    vmax: float | None = None
+
+
+def write_titled_sheet(
+    path: str | os.PathLike[str],
+    panels: Sequence[Panel],
+    *,
+    columns: int,
+    title: str,
+    tile_inches: float = 3.0,
+    dpi: int = 80,
+) -> Path:
+    """PNG contact sheet: ``panels`` row by row in ``columns`` columns on black, white titles;
+    returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels or columns < 1:
+        raise ValueError(f"expected panels and columns >= 1, got {len(panels)} panels, {columns} columns")
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(tile_inches * columns, tile_inches * rows + 0.4),
+        facecolor="black",
+        squeeze=False,
+    )
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(panels):
+            continue
+        panel = panels[k]
+        image = np.abs(np.asarray(panel.image))
+        vmax = panel.vmax if panel.vmax is not None else float(np.percentile(image, 99.5))
+        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax or 1.0)
+        ax.set_title(panel.title, color="white", fontsize=10)
+    fig.suptitle(title, color="white")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, facecolor="black", metadata={"Software": "recon-server"})
+    plt.close(fig)
+    return out

@@ -42,6 +42,7 @@ import numpy as np
 
 from recon_server.mrd import wire
 from recon_server.mrd.ismrmrd_io import ACQUISITION_HEADER_DTYPE, new_acquisition_headers
+from recon_server.service.stream import PROGRESS_PREFIX
 
 KINDS = (
     "random-bytes",
@@ -157,7 +158,8 @@ class Hostile:
 def exchange(
     address: tuple[str, int], payload: bytes, *, timeout: float = 30.0, half_close: bool = True
 ) -> tuple[list[str], list[wire.Image]]:
-    """Send ``payload`` to a stream server and read its TEXT and IMAGE replies until CLOSE or EOF.
+    """Send ``payload`` to a stream server and read its TEXT and IMAGE replies until CLOSE or EOF
+    (the server's ``PROGRESS`` lines left out).
 
     ``half_close``: shut the sending side after the payload, so the server sees the end of a
     stream without CLOSE at once (a server may take a half-closed client of a valid scan for one
@@ -176,7 +178,7 @@ def exchange(
         reader = wire.WireReader(stream)
         try:
             while not isinstance(msg := reader.read_message(), wire.Close):
-                if isinstance(msg, wire.Text):
+                if isinstance(msg, wire.Text) and not msg.text.startswith(PROGRESS_PREFIX):
                     texts.append(msg.text)
                 elif isinstance(msg, wire.Image):
                     images.append(msg)
@@ -191,7 +193,7 @@ def carries_readouts(payload: bytes) -> bool:
     """Whether a stream server reading ``payload`` gets a header and at least one readout (what
     it keeps as a failed scan when the stream then fails): read with the server's own session."""
     from recon_server.mrd.client_config import ClientConfigError
-    from recon_server.service.server import StreamSession
+    from recon_server.service.session import StreamSession
 
     session = StreamSession(wire.WireReader(io.BytesIO(payload)), keep_acquisitions=True)
     try:

@@ -22,7 +22,8 @@ Configuration properties read from the CONFIG XML (``<property name="method" val
 ``method`` (a registry name) and ``contrast`` (label override), parsed by
 :func:`recon_server.mrd.client_config.config_properties` (the stream server reads CONFIG_TEXT with
 the same parser). A method that fails falls back to ``ServiceConfig.fallback_method``
-(``pipeline.reconstruct_all``).
+(``pipeline.reconstruct_all``). The read -> assemble -> reconstruct -> send sequence is
+:mod:`recon_server.service.stream`'s, shared with the MRD server.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
@@ -40,17 +40,17 @@ from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.client_config import config_properties, requested_method
 from recon_server.ops import logs as ops_logs
-from recon_server.ops import service_metrics as metrics
-from recon_server.recon.methods import METHODS
-from recon_server.recon.pipeline import ReconService, ReconWorker, Sink, reconstruct_all
-from recon_server.scan import KSpaceScan
-from recon_server.service import listener
+from recon_server.ops import service_metrics
 from recon_server.service.config import ServiceConfig
-from recon_server.service.server import volume_to_images
+from recon_server.service.endpoint import Endpoint
+from recon_server.service.stream import read_readouts, reconstruct_stream, report_failure
+from recon_server.service.worker import ReconService, ReconWorker, Sink, worker_for
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GadgetronListener", "config_properties", "gadget", "handle_connection", "send_error"]
+
+LISTENER = "gadgetron"
 
 
 def send_error(raw: Any, text: str) -> None:
@@ -65,18 +65,25 @@ def refusal_message(text: str) -> bytes:
     return b"".join(bytes(chunk) for msg in msgs for chunk in wire.encode_message(msg))
 
 
-def _run_direct(scans: list[KSpaceScan], method: str | None) -> list:
-    config = ServiceConfig()
-    return [
-        volume
-        for s in scans
-        for volume in reconstruct_all(
-            s,
-            method=method or config.method_for(s.contrast),
-            device=config.device,
-            fallback=config.fallback_method,
-        )
-    ]
+class GadgetronReplies:
+    """Answers to Gadgetron: IMAGE and ERROR (8); progress only in the log (Gadgetron's external
+    protocol has no message for it); CLOSE comes from ``Connection.__exit__``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def image(self, image: wire.Image) -> None:
+        for chunk in wire.encode_message(image):
+            self.conn.socket.write(chunk)
+
+    def progress(self, text: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def error(self, text: str) -> None:
+        send_error(self.conn.socket, f"recon-server: {text}")
 
 
 def handle_connection(
@@ -86,14 +93,21 @@ def handle_connection(
     limits: wire.WireLimits | None = None,
     image_dtype: str = "float32",
     calibration_lines: str = "auto",
+    peer: object = "gadgetron",
 ) -> None:
     """Read one Gadgetron stream, reconstruct, send images; ERROR (8) on failure. CLOSE is
-    sent by ``Connection.__exit__``."""
+    sent by ``Connection.__exit__``. Without ``service`` a worker is made for this stream."""
     sock: socket.socket = conn.socket.socket
     stream = sock.makefile("rb", buffering=1 << 20)  # config and header are already consumed
     reader = wire.WireReader(stream, limits or wire.WireLimits())
+    replies = GadgetronReplies(conn)
+    own_worker: ReconWorker | None = None
+    if service is None:
+        config = ServiceConfig()
+        own_worker = worker_for(config)
+        service = ReconService(methods=config.method_for, worker=own_worker)
     try:
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         props = config_properties(conn.config)
         method = requested_method(props)  # ClientConfigError (a ValueError) for an unknown one
         header = bytes(conn.raw_bytes.header).decode("utf-8", errors="replace")
@@ -104,47 +118,26 @@ def handle_connection(
             limits=reader.limits,
         )
         ops_logs.set_measurement(asm.measurement_id)
-        while True:
-            msg = reader.read_message()
-            if isinstance(msg, wire.Close):
-                break
-            if isinstance(msg, wire.Acquisition):
-                asm.add(msg)
-            elif isinstance(msg, wire.ReconData):
-                asm.add_recon_data(msg)
-            elif not isinstance(msg, wire.Waveform):
-                raise wire.ProtocolError(f"unexpected {type(msg).__name__} message from Gadgetron")
-        scans = asm.finish()
-        metrics.scans_received(
-            "gadgetron",
-            scans=len(scans),
-            readouts=asm.n_lines,
-            nbytes=reader.bytes_read,
-            seconds=time.perf_counter() - t0,
+        read_readouts(reader, asm)
+        reconstruct_stream(
+            LISTENER,
+            asm,
+            reader,
+            service,
+            replies,
+            peer=peer,
+            started=started,
+            method=method,
+            image_dtype=image_dtype,
         )
-        with metrics.in_service("gadgetron", len(scans)):
-            volumes = service.run(scans, method=method) if service is not None else _run_direct(scans, method)
-        metrics.volumes_done(volumes)
-        t_send = time.perf_counter()
-        count = 0
-        for volume in volumes:
-            for image in volume_to_images(volume, dtype=image_dtype):
-                for chunk in wire.encode_message(image):
-                    conn.socket.write(chunk)
-                count += 1
-        metrics.stream_done("gadgetron", images=count, send_seconds=time.perf_counter() - t_send)
-        log.info("gadget stream: %d readouts, %d scan(s) reconstructed", asm.n_lines, len(scans))
     except (ValueError, RuntimeError, OSError) as exc:
-        metrics.stream_failed("gadgetron", exc)
-        log.error("gadget stream failed: %s: %s", type(exc).__name__, exc)
-        try:
-            send_error(conn.socket, f"recon-server: {type(exc).__name__}: {exc}")
-        except OSError as send_exc:
-            log.info("could not send ERROR to Gadgetron: %s", send_exc)
+        report_failure(LISTENER, replies, peer, exc)
         if not isinstance(exc, (wire.ProtocolError, OSError)):
             _drain(reader)
     finally:
         stream.close()
+        if own_worker is not None:
+            own_worker.close()
 
 
 def _drain(reader: wire.WireReader) -> None:
@@ -161,60 +154,29 @@ def gadget(connection: Connection) -> None:
     handle_connection(connection)
 
 
-class GadgetronListener:
+class GadgetronListener(Endpoint):
     """``<connect port=...>`` side: accept loop, one thread per Gadgetron stream."""
+
+    name = LISTENER
+    title = "Gadgetron external listener"
+    thread_prefix = "gt"
 
     def __init__(
         self, config: ServiceConfig, *, sinks: list[Sink] | None = None, worker: ReconWorker | None = None
     ) -> None:
         if config.gadgetron_port is None:
             raise ValueError("ServiceConfig.gadgetron_port is not set")
-        config.check_methods(METHODS)
-        self.config = config
-        self.worker = worker or ReconWorker(
-            device=config.device, max_pending=config.max_pending_scans, fallback=config.fallback_method
+        super().__init__(
+            config, (config.gadgetron_host, int(config.gadgetron_port)), sinks=sinks or (), worker=worker
         )
-        self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=sinks)
-        self._sock: socket.socket | None = None
-        self._loop: listener.AcceptLoop | None = None
-        self._stop = threading.Event()
-        self.address: tuple[str, int] | None = None
 
-    def bind(self) -> tuple[str, int]:
-        host = self.config.gadgetron_host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, int(self.config.gadgetron_port or 0)), family=family)
-        self.address = self._sock.getsockname()[:2]
-        return self.address
+    @staticmethod
+    def refusal(text: str) -> bytes:
+        return refusal_message(text)
 
-    def _accept_loop(self) -> listener.AcceptLoop:
-        """The shared accept loop (:mod:`recon_server.service.listener`) with this listener's settings."""
-        if self._sock is None:
-            self.bind()
-        assert self._sock is not None and self.address is not None
-        log.info("Gadgetron external listener on %s:%d", self.address[0], self.address[1])
-        self._loop = listener.AcceptLoop.for_config(
-            self._sock,
-            self.handle,
-            self.config,
-            name="gadgetron",
-            refusal=refusal_message,
-            thread_prefix="gt",
-            stop=self._stop,
-        )
-        return self._loop
-
-    def start(self) -> tuple[str, int]:
-        self._accept_loop().start()
-        assert self.address is not None
-        return self.address
-
-    def serve_forever(self) -> None:
-        self._accept_loop().serve_forever()
-
-    def handle(self, sock: socket.socket, peer: object) -> None:
+    def handle(self, conn: socket.socket, peer: object) -> None:
         with ops_logs.connection_context(peer):
-            self._handle(sock, peer)
+            self._handle(conn, peer)
 
     def _handle(self, sock: socket.socket, peer: object) -> None:
         sock.settimeout(self.config.socket_timeout_s)
@@ -222,7 +184,7 @@ class GadgetronListener:
             conn = Connection(sock)  # reads CONFIG (2) and HEADER (3)
         except (AssertionError, ValueError, TypeError, AttributeError, struct.error, OSError) as exc:
             # gadgetron-python asserts the message order and parses the header eagerly.
-            metrics.stream_failed("gadgetron", exc)
+            service_metrics.stream_failed(LISTENER, exc)
             log.error("Gadgetron stream from %s: bad config/header: %s: %s", peer, type(exc).__name__, exc)
             try:
                 raw = wire.WireWriter(sock.makefile("wb"))
@@ -240,11 +202,5 @@ class GadgetronListener:
                 limits=self.config.limits,
                 image_dtype=self.config.image_dtype,
                 calibration_lines=self.config.calibration_lines,
+                peer=peer,
             )
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._loop is not None:
-            self._loop.stop()
-        elif self._sock is not None:
-            self._sock.close()

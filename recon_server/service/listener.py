@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter, Gauge
+
 from recon_server.ops.service_metrics import REGISTRY
 
 if TYPE_CHECKING:
@@ -46,22 +48,27 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Handler = Callable[[socket.socket, object], None]
 
-ACCEPT_ERRORS = REGISTRY.counter(
+ACCEPT_ERRORS = Counter(
     "recon_server_accept_errors_total",
     "accept() errors the listener survived, by listener and errno name.",
     ("listener", "error"),
+    registry=REGISTRY,
 )
-REFUSED = REGISTRY.counter(
+REFUSED = Counter(
     "recon_server_connections_refused_total",
     "Connections closed without being served, by listener and reason "
     "(limit, descriptors, thread, not-allowed).",
     ("listener", "reason"),
+    registry=REGISTRY,
 )
-ACTIVE = REGISTRY.gauge(
-    "recon_server_connections", "Connections being served now, by listener.", ("listener",)
+ACTIVE = Gauge(
+    "recon_server_connections", "Connections being served now, by listener.", ("listener",), registry=REGISTRY
 )
-UP = REGISTRY.gauge(
-    "recon_server_accept_loop_up", "1 while the listener's accept loop runs, 0 once it died.", ("listener",)
+UP = Gauge(
+    "recon_server_accept_loop_up",
+    "1 while the listener's accept loop runs, 0 once it died.",
+    ("listener",),
+    registry=REGISTRY,
 )
 
 #: accept() errors that mean the process ran out of something: back off, then go on.
@@ -313,7 +320,7 @@ class AcceptLoop:
         if self._stop.is_set():
             return
         self._register()
-        UP.set(1, listener=self.name)
+        UP.labels(listener=self.name).set(1)
         try:
             self.sock.setblocking(False)
             poller = select.poll()
@@ -330,7 +337,7 @@ class AcceptLoop:
                 log.exception("%s: the accept loop failed", self.label)
         finally:
             self._running = False
-            UP.set(0, listener=self.name)
+            UP.labels(listener=self.name).set(0)
             if self._reserve is not None:
                 os.close(self._reserve)
                 self._reserve = None
@@ -363,7 +370,7 @@ class AcceptLoop:
             )
             self._burst, self._delay = 0, BACKOFF_S[0]
         if not client_allowed(peer, self.allowed):
-            REFUSED.inc(listener=self.name, reason="not-allowed")
+            REFUSED.labels(listener=self.name, reason="not-allowed").inc()
             self._log(
                 "not-allowed", logging.WARNING, "%s: refused %s: not in allowed_clients", self.label, peer
             )
@@ -382,7 +389,7 @@ class AcceptLoop:
             )
             return True
         conn.arm(self.stream_deadline_s)
-        ACTIVE.inc(listener=self.name)
+        ACTIVE.labels(listener=self.name).inc()
         try:
             threading.Thread(
                 target=self._serve, args=(conn, peer), daemon=True, name=f"{self.thread_prefix}-{peer}"
@@ -408,7 +415,7 @@ class AcceptLoop:
             self.error = f"{type(exc).__name__}: {exc}"
             return False
         name = errno.errorcode.get(code, type(exc).__name__)
-        ACCEPT_ERRORS.inc(listener=self.name, error=name)
+        ACCEPT_ERRORS.labels(listener=self.name, error=name).inc()
         if not self._burst:
             self._burst_t0 = time.monotonic()
             log.warning(
@@ -445,7 +452,7 @@ class AcceptLoop:
         self._reserve = _reserve_fd()
 
     def _refuse(self, conn: socket.socket, reason: str, text: str) -> None:
-        REFUSED.inc(listener=self.name, reason=reason)
+        REFUSED.labels(listener=self.name, reason=reason).inc()
         self._log(reason, logging.WARNING, "%s: refused a connection: %s", self.label, text)
         try:
             conn.settimeout(REFUSAL_SEND_S)
@@ -469,7 +476,7 @@ class AcceptLoop:
     def _release(self) -> None:
         with self._lock:
             self.active -= 1
-        ACTIVE.dec(listener=self.name)
+        ACTIVE.labels(listener=self.name).dec()
 
 
 def _reserve_fd() -> int | None:

@@ -27,13 +27,12 @@ Errors: the server logs one line, sends ``TEXT "ERR <message>"`` (every client a
 TEXT; FIRE treats the ``ERR`` prefix as an error level, gadgetron_ismrmrd_client prints it),
 then CLOSE, closes that connection and keeps serving. (ERROR (8) goes only to Gadgetron, by
 the external gadget.) Each connection runs in its own thread; reconstructions go through
-one :class:`~recon_server.recon.pipeline.ReconWorker` queue.
+one :class:`~recon_server.service.worker.ReconWorker` queue.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import select
 import socket
@@ -43,212 +42,50 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import ismrmrd
 import numpy as np
 
-from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import ismrmrd_io, wire
-from recon_server.mrd.assemble import Assembler
-from recon_server.mrd.client_config import (
-    ClientConfigError,
-    json_options,
-    requested_method,
-    text_options,
-    unknown_config_names,
-)
+from recon_server.mrd.client_config import ClientConfigError, unknown_config_names
 from recon_server.ops import logs as ops_logs
-from recon_server.ops import service_metrics as metrics
-from recon_server.recon.methods import METHODS
-from recon_server.recon.pipeline import (
-    ReconCancelled,
-    ReconService,
-    ReconWorker,
-    ServiceStopping,
-    Sink,
-    fallback_note,
-)
-from recon_server.scan import ImageVolume
-from recon_server.service import listener
-from recon_server.service.config import MAX_POSTERIOR_SAMPLES, ServiceConfig
+from recon_server.ops import service_metrics
+from recon_server.recon.pipeline import ReconCancelled
+from recon_server.service.config import ServiceConfig
+from recon_server.service.endpoint import Endpoint
 from recon_server.service.journal import RECEIVING, Journal, JournalEntry, move_unique, safe_name_part
 from recon_server.service.journal import recover as journal_recover
+from recon_server.service.session import StreamSession
+from recon_server.service.stream import PROGRESS_PREFIX, reconstruct_stream, report_failure
+from recon_server.service.worker import ReconWorker, ServiceStopping, Sink
 
 log = logging.getLogger(__name__)
 
 
-def volume_to_images(volume: ImageVolume, *, dtype: str = "float32") -> list[wire.Image]:
-    """One ISMRMRD magnitude image per slice, with meta: series description, window, image type,
-    method and its settings (JSON), model name and version."""
-    images = []
-    mag = volume.magnitude
-    if dtype == "uint16":
-        data = np.clip(np.rint(mag), 0, 65535).astype(np.uint16)
-    else:
-        data = mag.astype(np.float32)
-    prov = volume.provenance
-    settings = json.dumps(prov.settings, sort_keys=True, default=str)
-    model = {"ModelName": prov.model_name, "ModelVersion": prov.model_version} if prov.model_name else {}
-    note = fallback_note(prov)
-    fallback = (
-        {
-            "Fallback": note,
-            "ImageComments": f"Fallback reconstruction ({prov.method}): "
-            f"{prov.settings['fallback_from']} failed: {prov.settings.get('fallback_reason', '')}",
-        }
-        if note
-        else {}
-    )
-    for i, geom in enumerate(volume.geometry):
-        head = wire.new_image_head()
-        head["measurement_uid"] = volume.measurement_uid
-        head["field_of_view"] = geom.fov_mm
-        head["position"], head["read_dir"] = geom.position, geom.read_dir
-        head["phase_dir"], head["slice_dir"] = geom.phase_dir, geom.slice_dir
-        head["patient_table_position"] = geom.table_position
-        head["acquisition_time_stamp"] = geom.acquisition_time_stamp
-        head["physiology_time_stamp"] = geom.physiology_time_stamp
-        head["slice"] = geom.slice_index
-        head["image_type"] = ismrmrd.IMTYPE_MAGNITUDE
-        head["image_index"] = i + 1
-        head["image_series_index"] = volume.series_index
-        meta = ismrmrd.Meta(
-            {
-                # An SD map is a quantitative companion of the image series, not a second image.
-                "DataRole": "Image" if volume.role == "image" else "Quantitative",
-                "ImageProcessingHistory": ["RECON-SERVER", volume.provenance.method.upper()],
-                "SeriesDescription": dicom_series_description(volume),
-                "SequenceDescriptionAdditional": volume.provenance.method,
-                "ImageType": "\\".join(volume.image_type),
-                "WindowCenter": f"{volume.window_center:.3f}",
-                "WindowWidth": f"{volume.window_width:.3f}",
-                "ReconMethod": volume.provenance.method,
-                "ReconSettings": settings,
-                "Contrast": volume.contrast,
-                **model,
-                **fallback,
-            }
-        )
-        images.append(wire.Image(head=head, meta_xml=meta.serialize(), data=data[i][None, None]))
-    return images
+class MrdReplies:
+    """The MRD server's answers: IMAGE, TEXT ``PROGRESS ...``, TEXT ``ERR ...`` + CLOSE."""
+
+    def __init__(self, writer: wire.WireWriter) -> None:
+        self.writer = writer
+
+    def image(self, image: wire.Image) -> None:
+        self.writer.send(image, flush=False)
+
+    def progress(self, text: str) -> None:
+        self.writer.send(wire.Text(PROGRESS_PREFIX + text))
+
+    def finish(self) -> None:
+        self.writer.send(wire.Close())
+
+    def error(self, text: str) -> None:
+        self.writer.send(wire.Text(f"ERR {text}"), flush=False)
+        self.writer.send(wire.Close())
 
 
-def samples_override(options: dict) -> int | None:
-    """Posterior samples asked for by the client's JSON (``{"samples": 8}``, a JSON integer), bounded."""
-    value = options.get("samples")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_POSTERIOR_SAMPLES:
-        raise ClientConfigError(f"samples must be an integer in 1..{MAX_POSTERIOR_SAMPLES}, got {value!r}")
-    return value
+class StreamServer(Endpoint):
+    """The MRD stream server: one thread per connection, one reconstruction worker shared by all."""
 
-
-def method_override(config_name: str, options: dict) -> str | None:
-    """A method named by the client (:func:`recon_server.mrd.client_config.requested_method`)."""
-    return requested_method(options, config_name)
-
-
-MAX_CONFIG_MESSAGES = 16  # CONFIG / TEXT messages accepted before the HEADER
-
-
-class StreamSession:
-    """Reads one client stream into scans: config, header, optional JSON, readouts, CLOSE.
-
-    The client's choice (``method``, ``samples``) is checked as each configuration message
-    arrives: :class:`ClientConfigError` ends the stream there, before the readouts.
-    """
-
-    def __init__(
-        self,
-        reader: wire.WireReader,
-        *,
-        keep_acquisitions: bool = False,
-        calibration_lines: str = "auto",
-        journal: Journal | None = None,
-        allowed_methods: frozenset[str] | None = None,
-        peer: object = "",
-    ) -> None:
-        self.reader = reader
-        self.journal = journal
-        self.entry: JournalEntry | None = None  # this stream's raw data on disk (mrd.journal)
-        self.allowed_methods = allowed_methods  # what a client may ask for (None: any)
-        self.peer = peer
-        self.calibration_lines = calibration_lines
-        self.config_name = ""
-        self.options: dict = {}
-        self.method: str | None = None
-        self.samples: int | None = None
-        self.assembler: Assembler | None = None
-        self.header_xml = ""
-        # With keep_acquisitions, every readout is also kept as it arrived, so that a scan whose
-        # reconstruction fails can be written to disk and replayed later (not lost).
-        self.acquisitions: list[wire.Acquisition] | None = [] if keep_acquisitions else None
-
-    def _configure(self, options: dict | None = None) -> None:
-        if options:
-            self.options.update(options)
-            if self.assembler is not None:
-                self.assembler.config = self.options
-        self.method = requested_method(self.options, self.config_name)
-        if self.method is not None and self.allowed_methods is not None:
-            if self.method not in self.allowed_methods:
-                raise ClientConfigError(
-                    f"method {self.method!r} may not be requested by a client on this server (allowed: "
-                    f"{', '.join(sorted(self.allowed_methods))}; the administrator enables more with "
-                    "[recon] allowed_client_methods)"
-                )
-        self.samples = samples_override(self.options)
-
-    def read(self) -> Assembler:
-        reader = self.reader
-        msg = reader.read_message()
-        for _ in range(MAX_CONFIG_MESSAGES):
-            if isinstance(msg, wire.ConfigFile):
-                self.config_name = msg.name.strip().rstrip("\0").strip()
-                self._configure()
-            elif isinstance(msg, wire.ConfigText):
-                self.config_name = "config-text"
-                self._configure(text_options(msg.text))
-            elif isinstance(msg, wire.Text):
-                self._configure(json_options(msg.text))
-            else:
-                break
-            msg = reader.read_message()
-        if not isinstance(msg, wire.Header):
-            raise wire.ProtocolError(f"expected the ISMRMRD HEADER (3), got {type(msg).__name__}")
-        self.header_xml = msg.xml
-        asm = Assembler(
-            msg.xml, config=self.options, calibration_lines=self.calibration_lines, limits=reader.limits
-        )
-        ops_logs.set_measurement(asm.measurement_id)  # every later log line of this stream
-        self.assembler = asm
-        if self.journal is not None:
-            self.entry = self.journal.begin(msg.xml, measurement=asm.measurement_id, peer=str(self.peer))
-        while True:
-            msg = reader.read_message()
-            if isinstance(msg, wire.Acquisition):
-                if self.acquisitions is not None:
-                    self.acquisitions.append(msg)
-                if self.entry is not None:
-                    self.entry.append(msg)
-                asm.add(msg)
-            elif isinstance(msg, wire.Close):
-                return asm
-            elif isinstance(msg, wire.Waveform):
-                continue
-            elif isinstance(msg, wire.Text):
-                if asm.n_lines == 0:
-                    self._configure(json_options(msg.text))
-            elif isinstance(msg, wire.ReconData):
-                if self.entry is not None:  # an ISMRMRD raw file holds acquisitions only
-                    self.entry.remove()
-                    self.entry = None
-                asm.add_recon_data(msg)
-            else:
-                raise wire.ProtocolError(f"unexpected {type(msg).__name__} message inside a scan")
-
-
-class StreamServer:
-    """Accept loop; one thread per connection; one reconstruction worker shared by all."""
+    name = "mrd"
+    title = "MRD stream server"
+    thread_prefix = "mrd"
 
     def __init__(
         self,
@@ -258,66 +95,17 @@ class StreamServer:
         worker: ReconWorker | None = None,
         journal: Journal | None = None,
     ):
-        config.check_methods(METHODS)
-        self.config = config
-        self.worker = worker or ReconWorker(
-            device=config.device,
-            max_pending=config.max_pending_scans,
-            fallback=config.fallback_method,
-            time_limit=config.time_limit_for,
-        )
+        super().__init__(config, (config.host, config.port), sinks=sinks, worker=worker)
         if journal is None and config.journal_dir is not None:
             journal = Journal(config.journal_dir, failed_dir=config.failed_scans_dir)
         self.journal = journal
         self._active: dict[socket.socket, StreamSession] = {}  # connections being served
         self._shutting_down = threading.Event()
         self._shutdown_deadline: float | None = None
-        self.service = ReconService(methods=config.method_for, worker=self.worker, sinks=list(sinks))
-        self._sock: socket.socket | None = None
-        self._loop: listener.AcceptLoop | None = None
-        self._stop = threading.Event()
-        self.address: tuple[str, int] | None = None
 
-    def bind(self) -> tuple[str, int]:
-        sock = socket.create_server((self.config.host, self.config.port), reuse_port=False)
-        self._sock = sock
-        self.address = sock.getsockname()[:2]
-        return self.address
-
-    def _accept_loop(self) -> listener.AcceptLoop:
-        """The shared accept loop (:mod:`recon_server.service.listener`) with this server's settings."""
-        if self._sock is None:
-            self.bind()
-        assert self._sock is not None and self.address is not None
-        log.info("MRD stream server listening on %s:%d", self.address[0], self.address[1])
-        self._loop = listener.AcceptLoop.for_config(
-            self._sock,
-            self.handle,
-            self.config,
-            name="mrd",
-            refusal=refusal_message,
-            thread_prefix="mrd",
-            stop=self._stop,
-        )
-        return self._loop
-
-    def serve_forever(self) -> None:
-        """Accept connections on this thread until :meth:`stop`."""
-        self._accept_loop().serve_forever()
-
-    def start(self) -> tuple[str, int]:
-        """Bind and serve in a background thread; returns the bound address."""
-        self._accept_loop().start()
-        assert self.address is not None
-        return self.address
-
-    def stop_accepting(self) -> None:
-        """Close the listening socket; connections being served go on."""
-        self._stop.set()
-        if self._loop is not None:
-            self._loop.stop()
-        elif self._sock is not None:
-            self._sock.close()
+    @staticmethod
+    def refusal(text: str) -> bytes:
+        return refusal_message(text)
 
     def stop(self) -> None:
         self.stop_accepting()
@@ -440,7 +228,7 @@ class StreamServer:
     def _report_shutdown(
         self, writer: wire.WireWriter, peer: object, *, journaled: bool = False, kept: Path | None = None
     ) -> None:
-        metrics.STREAMS.inc(listener="mrd", outcome="shutdown")
+        service_metrics.STREAMS.labels(listener="mrd", outcome="shutdown").inc()
         if journaled:
             note = "; the scan is kept and reconstructed when the server is back"
         elif kept is not None:
@@ -465,24 +253,6 @@ class StreamServer:
                 ", ".join(used) or self.config.default_method,
             )
 
-    @staticmethod
-    def _report_failure(
-        writer: wire.WireWriter, peer: object, exc: Exception, kept: Path | None = None
-    ) -> None:
-        """Count and log the failure, then tell the peer (TEXT ``ERR ...`` + CLOSE) if it still listens."""
-        metrics.stream_failed("mrd", exc)
-        # A refused configuration reads "ERR ValueError: ..." on the wire, as it always has.
-        name = "ValueError" if isinstance(exc, ClientConfigError) else type(exc).__name__
-        # The text, not the exception: a handler that keeps records (a queue, a test's capture)
-        # would keep its traceback's frames, and the failed scan's buffers with them, alive.
-        log.error("stream from %s failed: %s: %s", peer, name, str(exc))
-        note = f" (raw data kept on the server as {kept.name})" if kept else ""
-        try:
-            writer.send(wire.Text(f"ERR {name}: {exc}{note}"), flush=False)
-            writer.send(wire.Close())
-        except OSError as send_exc:
-            log.info("could not report the error to %s: %s", peer, send_exc)
-
     def handle(self, conn: socket.socket, peer: object) -> None:
         """Serve one stream; every failure becomes ``TEXT "ERR ..."`` + CLOSE to the peer."""
         with ops_logs.connection_context(peer):
@@ -492,6 +262,7 @@ class StreamServer:
         conn.settimeout(self.config.socket_timeout_s)
         reader = wire.WireReader(conn.makefile("rb", buffering=1 << 20), self.config.limits)
         writer = wire.WireWriter(conn.makefile("wb", buffering=1 << 20))
+        replies = MrdReplies(writer)
         session = StreamSession(
             reader,
             keep_acquisitions=self.journal is None and self.config.failed_scans_dir is not None,
@@ -502,54 +273,14 @@ class StreamServer:
         )
         self._active[conn] = session
         try:
-            t0 = time.perf_counter()
-            asm = session.read()
-            method, samples = session.method, session.samples
-            if session.entry is not None:
-                session.entry.seal(method=method, samples=samples, options=session.options)
-            scans = asm.finish()
-            if method is None:
-                self._warn_unknown_config(session, scans)
-            metrics.scans_received(
-                "mrd",
-                scans=len(scans),
-                readouts=asm.n_lines,
-                nbytes=reader.bytes_read,
-                seconds=time.perf_counter() - t0,
-            )
-            with metrics.in_service("mrd", len(scans)):
-                volumes = self.service.run(
-                    scans,
-                    method=method,
-                    samples=samples,
-                    delivery=session.entry,
-                    poll=functools.partial(self._poll, conn),
-                )
-            metrics.volumes_done(volumes)
-            self._finish_entry(session)
-            t_send = time.perf_counter()
-            count = 0
-            for volume in volumes:
-                for image in volume_to_images(volume, dtype=self.config.image_dtype):
-                    writer.send(image, flush=False)
-                    count += 1
-            writer.send(wire.Close())
-            metrics.stream_done("mrd", images=count, send_seconds=time.perf_counter() - t_send)
-            log.info(
-                "stream from %s: %d readouts, %.1f MB, %d scan(s), %d images sent",
-                peer,
-                asm.n_lines,
-                reader.bytes_read / 1e6,
-                len(scans),
-                count,
-            )
+            self._serve(session, conn, peer, replies)
         except ServiceStopping:
             # Received in full but not reconstructed: a restart reconstructs it from the journal.
             if session.entry is not None:
                 session.entry.leave()
             self._report_shutdown(writer, peer, journaled=session.entry is not None)
         except ReconCancelled as exc:  # the client went away and no sink wants the images
-            metrics.stream_failed("mrd", exc)
+            service_metrics.stream_failed("mrd", exc)
             log.warning("stream from %s: %s; reconstruction dropped", peer, exc)
             self._keep(session, exc)
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
@@ -557,10 +288,10 @@ class StreamServer:
             if self._shutting_down.is_set() and receiving and not isinstance(exc, ClientConfigError):
                 self._report_shutdown(writer, peer, kept=self._keep(session, exc))
             else:
-                self._report_failure(writer, peer, exc, self._keep(session, exc))
+                self._report_failure(replies, peer, exc, self._keep(session, exc))
         except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
             log.exception("stream from %s: internal error", peer)
-            self._report_failure(writer, peer, exc, self._keep(session, exc))
+            self._report_failure(replies, peer, exc, self._keep(session, exc))
         finally:
             self._active.pop(conn, None)
             for stream in (reader.stream, writer.stream):
@@ -569,6 +300,35 @@ class StreamServer:
                 except OSError:
                     pass
             close_gracefully(conn)
+
+    def _serve(self, session: StreamSession, conn: socket.socket, peer: object, replies: MrdReplies) -> None:
+        started = time.perf_counter()
+        asm = session.read()
+        if session.entry is not None:
+            session.entry.seal(method=session.method, samples=session.samples, options=session.options)
+        reconstruct_stream(
+            "mrd",
+            asm,
+            session.reader,
+            self.service,
+            replies,
+            peer=peer,
+            started=started,
+            method=session.method,
+            samples=session.samples,
+            delivery=session.entry,
+            poll=functools.partial(self._poll, conn),
+            image_dtype=self.config.image_dtype,
+            on_scans=None
+            if session.method is not None
+            else functools.partial(self._warn_unknown_config, session),
+            on_delivered=functools.partial(self._finish_entry, session),
+        )
+
+    @staticmethod
+    def _report_failure(replies: MrdReplies, peer: object, exc: Exception, kept: Path | None = None) -> None:
+        note = f" (raw data kept on the server as {kept.name})" if kept else ""
+        report_failure("mrd", replies, peer, exc, note)
 
 
 def refusal_message(text: str) -> bytes:

@@ -22,15 +22,10 @@ from typing import Any
 
 from recon_server.dpm.checkpoint import CheckpointError, load_checkpoint, read_training_meta
 from recon_server.dpm.unet import EDMDenoiser, UNetConfig, build_denoiser, normalise_contrast
+from recon_server.training.config import TrainConfig, steps_for_epochs
+from recon_server.training.distributed import DistInfo, init_distributed
 from recon_server.training.schedule import LRSchedule
-from recon_server.training.train import (
-    VAL_SIGMAS,
-    DistInfo,
-    TrainConfig,
-    init_distributed,
-    steps_for_epochs,
-    train,
-)
+from recon_server.training.train import train
 from recon_server.training.trainset import (
     ConcatSlices,
     SliceSet,
@@ -39,6 +34,7 @@ from recon_server.training.trainset import (
     split_subjects,
     subjects_by_contrast,
 )
+from recon_server.training.validation import VAL_SIGMAS
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,19 @@ One optimizer step ``k`` of a phase (pre-training or fine-tuning):
 Everything is a function of the step, the weights and the optimizer state, so a resumed run
 (which restores those three) continues bit-identically. bf16 autocast is used on CUDA only.
 Rank 0 alone logs, validates, and writes ``RUN/train_state/`` (resume), ``RUN/last/`` and
-``RUN/best/`` (served checkpoints holding the EMA weights) and ``RUN/log.jsonl``.
+``RUN/best/`` (served checkpoints holding the EMA weights) and ``RUN/log.jsonl``. The settings are a
+:class:`~recon_server.training.config.TrainConfig`, the process's place in the job a
+:class:`~recon_server.training.distributed.DistInfo`, the metric :mod:`recon_server.training.validation`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,104 +44,17 @@ from recon_server.dpm.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from recon_server.dpm.edm import EDMLoss, loss_weight
+from recon_server.dpm.edm import EDMLoss
 from recon_server.dpm.precision import CpuPrecision, probe_cpu_precision, set_memory_format
 from recon_server.dpm.unet import EDMDenoiser, count_parameters
-from recon_server.machine import cpu_model
 from recon_server.training.augment import Augmentation, augment, head_patches
-from recon_server.training.schedule import EMA, LRSchedule
+from recon_server.training.config import TrainConfig
+from recon_server.training.distributed import DistInfo, hardware_description
+from recon_server.training.schedule import EMA
 from recon_server.training.trainset import SliceSet, StepBatchSampler, crop_batch, crop_offsets, mix_seed
+from recon_server.training.validation import validate, validation_card
 
 log = logging.getLogger(__name__)
-
-VAL_SIGMAS = (0.1, 0.5, 1.0)
-VAL_SEED = 1234
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a (possibly single-process) data-parallel job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun job described by the environment (``env://``), or run alone.
-
-    ``nccl`` when on CUDA, ``gloo`` on CPU. ``device``: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is
-    available, else CPU), ``cpu`` or ``cuda``.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-
-
-def hardware_description(info: DistInfo) -> dict[str, Any]:
-    if info.device.type == "cuda":
-        name = torch.cuda.get_device_name(info.device)
-    else:
-        name = f"{cpu_model()} ({os.cpu_count()} cores)"
-    return {
-        "device": name,
-        "device_type": info.device.type,
-        "world_size": info.world_size,
-        "torch": torch.__version__,
-    }
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training phase (keyword-only in spirit; stored in the state and the card)."""
-
-    mode: str
-    total_steps: int
-    global_batch: int
-    lr: LRSchedule
-    ema_halflife_images: float = 500_000.0
-    ema_rampup_ratio: float | None = 0.05
-    seed: int = 0
-    log_every: int = 50
-    val_every: int = 500
-    ckpt_every: int = 1000
-    val_sigmas: tuple[float, ...] = VAL_SIGMAS
-    val_max_slices: int = 64
-    amp: bool = True
-    grad_clip: float | None = None
-    label_dropout: float = 0.0
-    num_workers: int = 0
-    progress: bool = True
-    crop: int | None = None  # train on random crop x crop windows (same pixel size; see trainset)
-    large_crop: int | None = None  # every large_every-th step uses this (larger) crop instead
-    large_every: int = 0
-    augment: bool = False  # head-biased patches + flips, gamma, gain, phase (recon_server.training.augment)
-    cpu_precision: str = "fp32"  # on CPU: fp32, bf16, fp32-cl, bf16-cl (channels_last) or auto (probe)
-    stop_at_step: int | None = None  # end this invocation early (checkpointed) for --resume later
-    name: str = "recon-server-dpm"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lr"] = self.lr.to_dict()
-        d["val_sigmas"] = list(self.val_sigmas)
-        del d["stop_at_step"]
-        return d
 
 
 def _collate(items: list[tuple[torch.Tensor, str, str]]) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -148,59 +62,50 @@ def _collate(items: list[tuple[torch.Tensor, str, str]]) -> tuple[torch.Tensor, 
     return torch.stack(list(xs)), list(contrasts), list(subjects)
 
 
-@torch.no_grad()
-def validate(
-    model: EDMDenoiser,
-    val_set: SliceSet,
-    *,
-    sigmas: tuple[float, ...] = VAL_SIGMAS,
-    seed: int = VAL_SEED,
-    batch: int = 8,
-    max_slices: int = 64,
-    amp: bool = True,
-) -> dict[str, float]:
-    """Denoising quality of ``D`` on held-out slices at fixed noise levels with fixed noise.
+@dataclass
+class _Phase:
+    """What one invocation of a phase sets up before its first step, and the records it keeps."""
 
-    For each ``sigma``: ``x_hat = D(x + sigma n, sigma, contrast)`` with ``n`` from a CPU generator
-    seeded by ``(seed, slice)``; ``PSNR = 10 log10(max|x|^2 / mean|x_hat - x|^2)`` per slice (complex
-    error, peak of the clean magnitude), averaged over slices; ``loss`` is the EDM-weighted error.
-    At most ``max_slices`` slices, evenly spaced over the set.
-    """
-    device = next(model.parameters()).device
-    n = len(val_set)
-    if n == 0:
-        raise ValueError("empty validation set")
-    count = min(n, max_slices)
-    picks = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
-    sums: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(picks), batch):
-        chunk = picks[start : start + batch]
-        items = [val_set[i] for i in chunk]
-        x = torch.stack([it[0] for it in items]).to(device)
-        labels = [it[1] for it in items]
-        peak2 = torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).abs().amax(dim=(1, 2)).square()
-        for k, s in enumerate(sigmas):
-            noise = torch.stack(
-                [
-                    torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(mix_seed(seed, k, i)))
-                    for i in chunk
-                ]
-            ).to(device)
-            sig = torch.full((x.shape[0],), s, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                d = model(x + s * noise, sig, labels).float()
-            mse = (d - x).square().sum(dim=1).mean(dim=(1, 2))
-            psnr = 10 * torch.log10(peak2 / mse.clamp_min(1e-20))
-            loss = loss_weight(sig, model.config.sigma_data) * (d - x).square().mean(dim=(1, 2, 3))
-            sums[f"psnr@{s:g}"] = sums.get(f"psnr@{s:g}", 0.0) + float(psnr.sum())
-            sums[f"loss@{s:g}"] = sums.get(f"loss@{s:g}", 0.0) + float(loss.sum())
-    model.train(was_training)
-    out = {k: v / len(picks) for k, v in sums.items()}
-    out["psnr_mean"] = sum(out[f"psnr@{s:g}"] for s in sigmas) / len(sigmas)
-    out["slices"] = float(len(picks))
-    return out
+    model: EDMDenoiser
+    ddp: torch.nn.Module  # the model itself when alone, else its DistributedDataParallel wrapper
+    ema: EMA[EDMDenoiser]
+    opt: torch.optim.Optimizer
+    loader: DataLoader[Any]
+    loss_fn: EDMLoss
+    precision: CpuPrecision
+    memory_format: torch.memory_format
+    amp: bool
+    card_info: dict[str, Any]
+    out: Path
+    state_dir: Path
+    rows: slice  # this rank's share of the global batch
+    start_step: int
+    wall_before: float  # wall time of the invocations before a resume
+    best: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+
+@dataclass
+class _LossWindow:
+    """Losses since the last log line, summed on the device so a step needs no host sync."""
+
+    loss_sum: torch.Tensor
+    count: int = 0
+    images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss.detach()
+        self.count += 1
+        self.images += images
+
+    def restart(self, now: float) -> None:
+        self.loss_sum.zero_()
+        self.count, self.images, self.started = 0, 0, now
 
 
 def train(
@@ -216,8 +121,63 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) one training phase; returns a summary (final loss, steps, best validation)."""
     info = dist_info or DistInfo()
+    phase = _set_up(model, train_set, config, Path(out_dir), resume=resume, info=info, card_info=card_info)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=phase.start_step,
+        disable=not (config.progress and info.is_main),
+        desc=config.mode,
+        unit="step",
+    )
+    window = _LossWindow(torch.zeros((), device=info.device))
+    last_loss, lr = float("nan"), config.lr.lr_at(phase.start_step)
+    step = phase.start_step
+    for step, (x_cpu, contrasts, _) in zip(
+        range(phase.start_step, config.total_steps), phase.loader, strict=True
+    ):
+        loss = _forward_backward(phase, config, info, step, x_cpu, contrasts)
+        lr = _optimizer_step(phase, config, step)
+        window.add(loss, config.global_batch)
+        stop = config.stop_at_step is not None and step + 1 >= config.stop_at_step
+        done = step + 1 == config.total_steps or stop
+        if (step + 1) % config.log_every == 0 or done:
+            last_loss = _log_window(phase, window, config, info, len(train_set), step + 1, lr, bar)
+        bar.update(1)
+        val_now = (
+            val_set is not None and config.val_every > 0 and ((step + 1) % config.val_every == 0 or done)
+        )
+        ckpt_now = (step + 1) % config.ckpt_every == 0 or done
+        if info.is_main and (val_now or ckpt_now):
+            _validate_and_save(
+                phase, config, train_set, val_set, info, step + 1, lr, val_now=val_now, ckpt_now=ckpt_now
+            )
+        if info.world_size > 1 and (val_now or ckpt_now):
+            dist.barrier()
+        if stop:
+            break
+    bar.close()
+    return {
+        "steps": step + 1 if config.total_steps > phase.start_step else phase.start_step,
+        "final_loss": last_loss,
+        "final_lr": lr,
+        "best": phase.best,
+        "wall_time_s": phase.wall(),
+        "num_parameters": count_parameters(model),
+    }
+
+
+def _set_up(
+    model: EDMDenoiser,
+    train_set: SliceSet,
+    config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    info: DistInfo,
+    card_info: dict[str, Any] | None,
+) -> _Phase:
+    """Precision, EMA and Adam (restored on resume), the DDP wrapper and the step-ordered loader."""
     dev = info.device
-    out = Path(out_dir)
     state_dir = out / "train_state"
     if config.global_batch % info.world_size:
         raise ValueError(
@@ -227,7 +187,6 @@ def train(
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model.to(dev).train()
     precision = _precision(config, model, state_dir if resume else None, info)
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     set_memory_format(model, channels_last=precision.channels_last)
     ema: EMA[EDMDenoiser] = EMA(
         model, halflife_images=config.ema_halflife_images, rampup_ratio=config.ema_rampup_ratio
@@ -236,13 +195,7 @@ def train(
     start_step, wall_before, best, history = 0, 0.0, None, []
     if resume:
         meta = load_training_state(state_dir, model=model, ema=ema.model, optimizer=opt)
-        saved = meta["config"]
-        for key in ("global_batch", "seed", "lr", "total_steps"):
-            if saved[key] != config.to_dict()[key]:
-                raise ValueError(f"cannot resume: {key} was {saved[key]}, now {config.to_dict()[key]}")
-        for key in ("crop", "large_crop", "large_every", "augment"):
-            if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != getattr(config, key):
-                raise ValueError(f"cannot resume: {key} was {saved.get(key)}, now {getattr(config, key)}")
+        _check_resumable(meta["config"], config)
         start_step, wall_before = int(meta["step"]), float(meta["wall_time_s"])
         best, history = meta.get("best"), meta.get("history", [])
     if info.is_main:
@@ -250,166 +203,204 @@ def train(
     ddp: torch.nn.Module = model
     if info.world_size > 1:
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    local = config.global_batch // info.world_size
+    return _Phase(
+        model=model,
+        ddp=ddp,
+        ema=ema,
+        opt=opt,
+        loader=_loader(train_set, config, info, start_step),
+        loss_fn=EDMLoss(sigma_data=model.config.sigma_data),
+        precision=precision,
+        memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format,
+        amp=(config.amp and dev.type == "cuda") or (dev.type == "cpu" and precision.bf16),
+        card_info={**(card_info or {}), "cpu_precision": precision.to_dict()},
+        out=out,
+        state_dir=state_dir,
+        rows=slice(info.rank * local, (info.rank + 1) * local),
+        start_step=start_step,
+        wall_before=wall_before,
+        best=best,
+        history=history,
+    )
 
-    gb, local = config.global_batch, config.global_batch // info.world_size
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run must draw the same batches, crops and schedule, or it would not continue exactly."""
+    for key in ("global_batch", "seed", "lr", "total_steps"):
+        if saved[key] != config.to_dict()[key]:
+            raise ValueError(f"cannot resume: {key} was {saved[key]}, now {config.to_dict()[key]}")
+    for key in ("crop", "large_crop", "large_every", "augment"):
+        if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != getattr(config, key):
+            raise ValueError(f"cannot resume: {key} was {saved.get(key)}, now {getattr(config, key)}")
+
+
+def _loader(train_set: SliceSet, config: TrainConfig, info: DistInfo, start_step: int) -> DataLoader[Any]:
+    """This rank's share of each global batch, from ``start_step`` on."""
     sampler = StepBatchSampler(
         len(train_set),
-        global_batch=gb,
+        global_batch=config.global_batch,
         rank=info.rank,
         world_size=info.world_size,
         seed=config.seed,
         start_step=start_step,
         total_steps=config.total_steps,
     )
-    loader: DataLoader[Any] = DataLoader(
+    return DataLoader(
         train_set,  # type: ignore[arg-type]
         batch_sampler=sampler,
         num_workers=config.num_workers,
         collate_fn=_collate,
-        pin_memory=dev.type == "cuda",
+        pin_memory=info.device.type == "cuda",
         persistent_workers=False,
     )
-    loss_fn = EDMLoss(sigma_data=model.config.sigma_data)
-    amp = (config.amp and dev.type == "cuda") or (dev.type == "cpu" and precision.bf16)
-    card_info = {**(card_info or {}), "cpu_precision": precision.to_dict()}
-    bar = tqdm(
-        total=config.total_steps,
-        initial=start_step,
-        disable=not (config.progress and info.is_main),
-        desc=config.mode,
-        unit="step",
+
+
+def _forward_backward(
+    phase: _Phase, config: TrainConfig, info: DistInfo, step: int, x_cpu: torch.Tensor, contrasts: list[str]
+) -> torch.Tensor:
+    """This rank's mean EDM loss of ``step``, back-propagated; every draw depends on the step alone."""
+    dev, gb, model, rows = info.device, config.global_batch, phase.model, phase.rows
+    x_cpu = _patches(x_cpu, step, config, rows)
+    x = x_cpu.to(dev, non_blocking=True).contiguous(memory_format=phase.memory_format)
+    idx = torch.tensor([model.contrast_index(c) for c in contrasts], device=dev)
+    onehot = F.one_hot(idx, model.config.num_slots).float()
+    gen = torch.Generator(device=dev).manual_seed(mix_seed(config.seed, step, 1))
+    z = torch.randn(gb, generator=gen, device=dev)
+    noise = torch.randn((gb, *x.shape[1:]), generator=gen, device=dev).contiguous(
+        memory_format=phase.memory_format
     )
-    t_start, t_window, n_window = time.perf_counter(), time.perf_counter(), 0
-    loss_sum, loss_count, last_loss, lr = (
-        torch.zeros((), device=dev),
-        0,
-        float("nan"),
-        config.lr.lr_at(start_step),
-    )
-    step = start_step
-    sl = slice(info.rank * local, (info.rank + 1) * local)
-    for step, (x_cpu, contrasts, _) in zip(range(start_step, config.total_steps), loader, strict=True):
-        x_cpu = _patches(x_cpu, step, config, sl)
-        x = x_cpu.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
-        idx = torch.tensor([model.contrast_index(c) for c in contrasts], device=dev)
-        onehot = F.one_hot(idx, model.config.num_slots).float()
-        gen = torch.Generator(device=dev).manual_seed(mix_seed(config.seed, step, 1))
-        z = torch.randn(gb, generator=gen, device=dev)
-        noise = torch.randn((gb, *x.shape[1:]), generator=gen, device=dev).contiguous(
-            memory_format=memory_format
-        )
-        if config.label_dropout > 0:  # classifier-free guidance: some samples see no contrast
-            keep = torch.rand(gb, generator=gen, device=dev) >= config.label_dropout
-            onehot = onehot * keep[sl, None].float()
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(mix_seed(config.seed, step, 2, info.rank))  # dropout masks, scoped
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(ddp, x, onehot, ln_sigma_noise=z[sl], noise=noise[sl]).mean()
-            loss.backward()
-        lr = config.lr.lr_at(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for p in model.parameters():  # a non-finite gradient would poison Adam's moments for good
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        images = (step + 1) * gb
-        ema.update(model, images_seen=images, batch=gb)
-        loss_sum += loss.detach()
-        loss_count += 1
-        n_window += gb
-        stop = config.stop_at_step is not None and step + 1 >= config.stop_at_step
-        done = step + 1 == config.total_steps or stop
-        if (step + 1) % config.log_every == 0 or done:
-            if info.world_size > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= info.world_size
-            last_loss = float(loss_sum) / loss_count
-            now = time.perf_counter()
-            ips = n_window / max(now - t_window, 1e-9)
-            record = {
-                "step": step + 1,
-                "images": images,
-                "epoch": images / len(train_set),
-                "loss": last_loss,
-                "lr": lr,
-                "img_per_s": ips,
-                "wall_s": wall_before + now - t_start,
-            }
-            if info.is_main:
-                _append_log(out, record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                log.info("step %d loss %.4f lr %.3e %.1f img/s", step + 1, last_loss, lr, ips)
-            loss_sum.zero_()
-            loss_count, t_window, n_window = 0, now, 0
-        bar.update(1)
-        val_now = (
-            val_set is not None and config.val_every > 0 and ((step + 1) % config.val_every == 0 or done)
-        )
-        ckpt_now = (step + 1) % config.ckpt_every == 0 or done
-        if info.is_main and (val_now or ckpt_now):
-            wall = wall_before + time.perf_counter() - t_start
-            training = _card_training(card_info, config, train_set, step + 1, lr, info, wall)
-            metrics = None
-            if val_now:
-                assert val_set is not None
-                metrics = validate(
-                    ema.model,
-                    val_set,
-                    sigmas=config.val_sigmas,
-                    max_slices=config.val_max_slices,
-                    amp=config.amp,
-                )
-                metrics["step"] = step + 1
-                history.append(metrics)
-                _append_log(out, {"validation": metrics})
-                log.info("validation at step %d: %s", step + 1, metrics)
-                if best is None or metrics["psnr_mean"] > best["psnr_mean"]:
-                    best = metrics
-                    validation = _card_validation(metrics, best, config, val_set)
-                    save_checkpoint(
-                        ema.model, out / "best", name=config.name, training=training, validation=validation
-                    )
-            if ckpt_now:
-                latest = metrics or (history[-1] if history else None)
-                validation = _card_validation(latest, best, config, val_set)
-                save_checkpoint(
-                    ema.model, out / "last", name=config.name, training=training, validation=validation
-                )
-                save_training_state(
-                    state_dir,
-                    model=model,
-                    ema=ema.model,
-                    optimizer=opt,
-                    meta={
-                        "step": step + 1,
-                        "wall_time_s": wall,
-                        "config": config.to_dict(),
-                        "architecture": model.config.to_dict(),
-                        "contrast_slots": list(model.contrast_slots),
-                        "card_info": card_info,
-                        "best": best,
-                        "history": history,
-                        "cpu_precision": precision.to_dict(),
-                        "rng": {"scheme": "mix_seed(seed, step, stream)", "seed": config.seed},
-                    },
-                )
-        if info.world_size > 1 and (val_now or ckpt_now):
-            dist.barrier()
-        if stop:
-            break
-    bar.close()
-    return {
-        "steps": step + 1 if config.total_steps > start_step else start_step,
-        "final_loss": last_loss,
-        "final_lr": lr,
-        "best": best,
-        "wall_time_s": wall_before + time.perf_counter() - t_start,
-        "num_parameters": count_parameters(model),
+    if config.label_dropout > 0:  # classifier-free guidance: some samples see no contrast
+        keep = torch.rand(gb, generator=gen, device=dev) >= config.label_dropout
+        onehot = onehot * keep[rows, None].float()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(mix_seed(config.seed, step, 2, info.rank))  # dropout masks, scoped
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=phase.amp):
+            loss = phase.loss_fn(phase.ddp, x, onehot, ln_sigma_noise=z[rows], noise=noise[rows]).mean()
+        loss.backward()
+    return loss
+
+
+def _optimizer_step(phase: _Phase, config: TrainConfig, step: int) -> float:
+    """Adam at ``lr_at(step)`` on the sanitised (optionally clipped) gradients, then the EMA; returns lr."""
+    lr = config.lr.lr_at(step)
+    for group in phase.opt.param_groups:
+        group["lr"] = lr
+    for p in phase.model.parameters():  # a non-finite gradient would poison Adam's moments for good
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(phase.model.parameters(), config.grad_clip)
+    phase.opt.step()
+    phase.opt.zero_grad(set_to_none=True)
+    phase.ema.update(phase.model, images_seen=(step + 1) * config.global_batch, batch=config.global_batch)
+    return lr
+
+
+def _log_window(
+    phase: _Phase,
+    window: _LossWindow,
+    config: TrainConfig,
+    info: DistInfo,
+    train_slices: int,
+    steps: int,
+    lr: float,
+    bar: tqdm[Any],
+) -> float:
+    """The window's mean loss over all ranks, logged by rank 0 with the throughput; starts a new window."""
+    if info.world_size > 1:
+        dist.all_reduce(window.loss_sum)
+        window.loss_sum /= info.world_size
+    loss = float(window.loss_sum) / window.count
+    now = time.perf_counter()
+    ips = window.images / max(now - window.started, 1e-9)
+    images = steps * config.global_batch
+    record = {
+        "step": steps,
+        "images": images,
+        "epoch": images / train_slices,
+        "loss": loss,
+        "lr": lr,
+        "img_per_s": ips,
+        "wall_s": phase.wall_before + now - phase.t_start,
     }
+    if info.is_main:
+        _append_log(phase.out, record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        log.info("step %d loss %.4f lr %.3e %.1f img/s", steps, loss, lr, ips)
+    window.restart(now)
+    return loss
+
+
+def _validate_and_save(
+    phase: _Phase,
+    config: TrainConfig,
+    train_set: SliceSet,
+    val_set: SliceSet | None,
+    info: DistInfo,
+    steps: int,
+    lr: float,
+    *,
+    val_now: bool,
+    ckpt_now: bool,
+) -> None:
+    """Rank 0 after ``steps``: validate the EMA (and keep it as ``best``), write ``last`` and the state."""
+    wall = phase.wall()
+    training = _card_training(phase.card_info, config, train_set, steps, lr, info, wall)
+    metrics = None
+    if val_now:
+        assert val_set is not None
+        metrics = _validate_ema(phase, config, val_set, steps, training)
+    if ckpt_now:
+        latest = metrics or (phase.history[-1] if phase.history else None)
+        validation = validation_card(latest, phase.best, config.val_sigmas, val_set)
+        save_checkpoint(
+            phase.ema.model, phase.out / "last", name=config.name, training=training, validation=validation
+        )
+        _save_state(phase, config, steps, wall)
+
+
+def _validate_ema(
+    phase: _Phase, config: TrainConfig, val_set: SliceSet, steps: int, training: dict[str, Any]
+) -> dict[str, Any]:
+    """Validate the EMA weights, record the result, and save them as ``best`` when they beat it."""
+    metrics: dict[str, Any] = validate(
+        phase.ema.model, val_set, sigmas=config.val_sigmas, max_slices=config.val_max_slices, amp=config.amp
+    )
+    metrics["step"] = steps
+    phase.history.append(metrics)
+    _append_log(phase.out, {"validation": metrics})
+    log.info("validation at step %d: %s", steps, metrics)
+    if phase.best is None or metrics["psnr_mean"] > phase.best["psnr_mean"]:
+        phase.best = metrics
+        validation = validation_card(metrics, phase.best, config.val_sigmas, val_set)
+        save_checkpoint(
+            phase.ema.model, phase.out / "best", name=config.name, training=training, validation=validation
+        )
+    return metrics
+
+
+def _save_state(phase: _Phase, config: TrainConfig, steps: int, wall: float) -> None:
+    """Everything a resumed run needs to continue bit-identically after ``steps``."""
+    model = phase.model
+    save_training_state(
+        phase.state_dir,
+        model=model,
+        ema=phase.ema.model,
+        optimizer=phase.opt,
+        meta={
+            "step": steps,
+            "wall_time_s": wall,
+            "config": config.to_dict(),
+            "architecture": model.config.to_dict(),
+            "contrast_slots": list(model.contrast_slots),
+            "card_info": phase.card_info,
+            "best": phase.best,
+            "history": phase.history,
+            "cpu_precision": phase.precision.to_dict(),
+            "rng": {"scheme": "mix_seed(seed, step, stream)", "seed": config.seed},
+        },
+    )
 
 
 def _precision(
@@ -495,24 +486,3 @@ def _precision_label(config: TrainConfig, info: DistInfo, cpu: dict[str, Any] | 
     if cpu and cpu.get("bf16"):
         return "bf16 autocast (CPU)" + (", channels_last" if cpu.get("channels_last") else "")
     return "fp32" + (", channels_last" if cpu and cpu.get("channels_last") else "")
-
-
-def _card_validation(
-    metrics: dict[str, Any] | None, best: dict[str, Any] | None, config: TrainConfig, val_set: SliceSet | None
-) -> dict[str, Any]:
-    if val_set is None:
-        return {}
-    return {
-        "metric": f"denoising PSNR of the EMA denoiser on held-out slices, fixed noise (seed {VAL_SEED})",
-        "sigmas": list(config.val_sigmas),
-        "held_out_slices": len(val_set),
-        "this_checkpoint": metrics,
-        "best": best,
-    }
-
-
-def steps_for_epochs(epochs: float, *, n_slices: int, global_batch: int) -> int:
-    """Optimizer steps covering ``epochs`` passes over ``n_slices`` (at least one)."""
-    if epochs <= 0 or not math.isfinite(epochs):
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    return max(1, math.ceil(epochs * n_slices / global_batch))

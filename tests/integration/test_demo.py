@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from recon_server.cli import demo
+from recon_server.cli.main import main
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    rc = demo.main(
-        ["--out", str(out), "--matrix", "96", "--coils", "4", "--slices", "2", "--method", "cg-sense"]
+    rc = main(
+        ["demo", "--out", str(out), "--matrix", "96", "--coils", "4", "--slices", "2", "--method", "cg-sense"]
     )
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from recon_server.data.acquire import SimulatedSubject, SimulationConfig, simula
 from recon_server.recon import methods
 from recon_server.service.config import ServiceConfig
 from recon_server.service.server import StreamServer
+from recon_server.service.worker import ReconWorker
 
 
 def _load_corpus() -> ModuleType:
@@ -86,22 +88,29 @@ def corpus_files(subject: SimulatedSubject, tmp_path_factory: pytest.TempPathFac
     }
 
 
-@pytest.fixture(scope="module")
-def diffusion_settings() -> Iterator[None]:
-    """The shipped model with few steps, restored afterwards (the settings are process-wide)."""
-    saved = (methods.DIFFUSION.model_dir, dict(methods.DIFFUSION.overrides))
-    methods.configure_diffusion(model_dir=SHIPPED_MODEL, overrides=DIFFUSION_STEPS)
-    yield
-    methods.configure_diffusion(model_dir=saved[0], overrides=saved[1])
+@pytest.fixture(scope="session")
+def diffusion_settings() -> methods.DiffusionSettings:
+    """The shipped model with few steps."""
+    return methods.DiffusionSettings(model_dir=SHIPPED_MODEL, overrides=DIFFUSION_STEPS)
+
+
+@pytest.fixture(scope="session")
+def recon_options() -> list[str]:
+    """The same settings as ``recon`` options (``--model-dir``, ``--set METHOD.SETTING=VALUE``)."""
+    argv = ["--model-dir", str(SHIPPED_MODEL)]
+    for method, settings in DIFFUSION_STEPS.items():
+        for name, value in settings.items():
+            argv += ["--set", f"{method}.{name}={json.dumps(value)}"]
+    return argv
 
 
 @pytest.fixture(scope="module")
-def server(diffusion_settings: None) -> Iterator[StreamServer]:
+def server(diffusion_settings: methods.DiffusionSettings) -> Iterator[StreamServer]:
     # Every method through the server, faithful dps included (opt-in for clients: issue 14).
     config = ServiceConfig(
         port=0, default_method="cg-sense", socket_timeout_s=120, allowed_client_methods=("*",)
     )
-    srv = StreamServer(config)
+    srv = StreamServer(config, worker=ReconWorker(diffusion=diffusion_settings))
     srv.start()
     yield srv
     srv.stop()

@@ -164,12 +164,13 @@ def test_every_method_through_recon(
     case: str,
     corpus_files: dict[str, Path],
     truth: tuple[np.ndarray, np.ndarray],
-    diffusion_settings: None,
+    recon_options: list[str],
     tmp_path: Path,
 ) -> None:
     for method in METHODS:
         out = tmp_path / method
-        code = cli.main(["recon", str(corpus_files[case]), "--out", str(out), "--method", method])
+        argv = ["recon", str(corpus_files[case]), "--out", str(out), "--method", method, *recon_options]
+        code = cli.main(argv)
         assert code == 0, (case, method)
         images = np.load(out / "images.npy")
         assert _error(images, truth) < NRMSE_BOUND[method], (case, method, _error(images, truth))
@@ -187,7 +188,7 @@ def test_scanner_flags_every_method_within_two_percent_of_all_imaging(
 
 
 def test_every_measured_line_improves_on_the_imaging_grid(
-    corpus_files: dict[str, Path], truth: tuple[np.ndarray, np.ndarray], diffusion_settings: None
+    corpus_files: dict[str, Path], truth: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """The calibration-only lines are measurements: leaving them out (the option) costs accuracy.
 

@@ -21,6 +21,7 @@ import pytest
 
 from recon_server.data import acquire
 from recon_server.mrd import ismrmrd_io, wire
+from recon_server.service.stream import PROGRESS_PREFIX
 
 SLICES = 6
 PHASES = ("receiving", "reconstructing", "writing", "spooling", "delivered")
@@ -117,7 +118,7 @@ class Client(threading.Thread):
                         return
                     if isinstance(msg, wire.Image):
                         self.images.append(msg)
-                    elif isinstance(msg, wire.Text):
+                    elif isinstance(msg, wire.Text) and not msg.text.startswith(PROGRESS_PREFIX):
                         self.texts.append(msg.text)
         except (OSError, ValueError):
             return  # the server was killed

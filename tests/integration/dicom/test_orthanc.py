@@ -80,7 +80,7 @@ def test_sender_killed_mid_series_delivers_each_image_once(vol, orthanc, dicom_c
     want = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
     dest = config.destinations[0]
     cmd = [
-        sys.executable, "-m", "recon_server.cli.dicom", "--log-level", "WARNING", "spool-drain",
+        sys.executable, "-m", "recon_server.cli", "--log-level", "WARNING", "spool-drain",
         "--spool-dir", str(config.spool_dir), "--name", dest.name, "--host", dest.host,
         "--port", str(dest.port), "--called-ae", dest.called_ae, "--calling-ae", dest.calling_ae,
         "--retry-initial-s", "0.05", "--retry-max-s", "0.5", "--drain-timeout", "30",

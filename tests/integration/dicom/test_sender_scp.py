@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, evt
 
-from recon_server.cli import dicom as commands
+from recon_server.cli.main import main as recon_server_main
 from recon_server.dicom.deliver import MissingIdentifierError, store_series
 from recon_server.dicom.sender import PacsSender
 from recon_server.dicom.spool import Spool
@@ -91,14 +91,14 @@ def test_missing_identifiers_are_not_sent_unless_allowed(vol, scp, dicom_config)
 
 def test_pacs_echo_command_exit_codes(scp, capsys, netns):
     args = ["pacs-echo", "--host", "127.0.0.1", "--called-ae", "TESTPACS", "--timeout", "3"]
-    assert commands.main([*args, "--port", str(scp.port)]) == 0
+    assert recon_server_main([*args, "--port", str(scp.port)]) == 0
     assert "success" in capsys.readouterr().out
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    assert commands.main([*args, "--port", str(closed)]) == 1
+    assert recon_server_main([*args, "--port", str(closed)]) == 1
     assert "TCP connection failed" in capsys.readouterr().err
-    assert commands.main([*args, "--port", "70000"]) == 2
+    assert recon_server_main([*args, "--port", "70000"]) == 2
     assert "1..65535" in capsys.readouterr().err
 
 

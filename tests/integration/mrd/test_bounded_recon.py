@@ -19,6 +19,7 @@ from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSeri
 from recon_server.mrd import ismrmrd_io
 from recon_server.service.config import ServiceConfig
 from recon_server.service.server import StreamServer
+from recon_server.service.stream import PROGRESS_PREFIX
 
 FLAIR = json.dumps({"contrast": "FLAIR"})  # the diffusion methods need a contrast label
 
@@ -47,7 +48,7 @@ def _scan(path: Path, address: tuple[str, int], *, text: str | None = None) -> t
         sock.sendall(_encode(*items, *acqs) + b"\x04\x00")  # ... CLOSE
         replies = list(ProtocolDeserializer(sock.makefile("rb")).deserialize())
     images = [r for r in replies if isinstance(r, ismrmrd.Image)]
-    return images, [r for r in replies if isinstance(r, str)]
+    return images, [r for r in replies if isinstance(r, str) and not r.startswith(PROGRESS_PREFIX)]
 
 
 @pytest.fixture

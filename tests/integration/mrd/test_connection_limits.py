@@ -198,7 +198,7 @@ def test_accept_errors_are_survived_and_a_dead_loop_shows_on_healthz(make_server
     srv = make_server()
     loop = srv._loop
     assert loop is not None
-    key = 'recon_server_accept_errors_total{listener="mrd",error="%s"}'
+    key = 'recon_server_accept_errors_total{error="%s",listener="mrd"}'
     transient = [errno.ENOBUFS, errno.ECONNABORTED, errno.EPROTO, errno.ENOMEM, errno.EPERM]
     before = {errno.errorcode[c]: _metric(key % errno.errorcode[c]) for c in [*transient, errno.EMFILE]}
     _FlakyAccept(loop, transient)
@@ -262,7 +262,7 @@ def test_huge_header_matrix_is_refused_before_the_readouts(make_server) -> None:
 
 def test_a_failed_scan_is_freed_at_once(make_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """No reference cycle keeps a failed stream's assembler (and its k-space) alive."""
-    from recon_server.service import server as server_module
+    from recon_server.service import session as server_module
 
     made: list[weakref.ref] = []  # type: ignore[type-arg]
 

@@ -28,6 +28,7 @@ from recon_server.recon import methods
 from recon_server.service.config import ServiceConfig
 from recon_server.service.gadget import GadgetronListener
 from recon_server.service.server import StreamServer
+from recon_server.service.stream import PROGRESS_PREFIX
 
 from .conftest import read_gadgetron_replies
 
@@ -62,7 +63,8 @@ def _client(
         images: list[ismrmrd.Image] = []
         texts: list[str] = []
         for item in ProtocolDeserializer(sock.makefile("rb")).deserialize():
-            (images if isinstance(item, ismrmrd.Image) else texts).append(item)
+            if not str(item).startswith(PROGRESS_PREFIX):  # the server's progress lines
+                (images if isinstance(item, ismrmrd.Image) else texts).append(item)
     return images, texts
 
 
@@ -78,7 +80,9 @@ def zf_server() -> Iterator[StreamServer]:
 
 
 def _fallback_count(reason: str = "model-missing") -> float:
-    return ops_metrics.FALLBACKS.value(method="dps-fast", fallback="cg-sense", reason=reason)
+    return ops_metrics.REGISTRY.value(
+        "recon_server_fallbacks_total", method="dps-fast", fallback="cg-sense", reason=reason
+    )
 
 
 def test_missing_model_falls_back_to_cg_sense_with_marked_images(
@@ -195,7 +199,7 @@ def test_serve_config_with_unloadable_model_sends_fallback_images_and_counts_the
     assert texts == [] and len(images) == 1, texts
     assert images[0].meta["ReconMethod"] == "cg-sense"
     assert images[0].meta["Fallback"].startswith("dps-fast -> cg-sense: model-missing: ")
-    key = 'recon_server_fallbacks_total{method="dps-fast",fallback="cg-sense",reason="model-missing"}'
+    key = 'recon_server_fallbacks_total{fallback="cg-sense",method="dps-fast",reason="model-missing"}'
     assert exposition[key] == 1
     assert exposition['recon_server_streams_total{listener="mrd",outcome="ok"}'] == 1
     fallback_lines = [line for line in err.splitlines() if "reconstructing with the fallback method" in line]
@@ -424,7 +428,7 @@ def test_images_carry_measurement_uid_time_stamps_and_table_position(
 def test_fallback_meta_survives_the_wire_codec() -> None:
     """Meta with the fallback note round-trips through ismrmrd's own parser (quotes, ->, :)."""
     from recon_server.scan import ImageVolume, Provenance, SliceGeometry
-    from recon_server.service.server import volume_to_images
+    from recon_server.service.stream import volume_to_images
 
     geom = SliceGeometry((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (200, 200, 5), table_position=(1, 2, 3))
     volume = ImageVolume(

@@ -149,8 +149,8 @@ def test_no_images_is_reported_as_such(tiny_server, shepp_accel2: Path, tmp_path
     assert server.received[-1] == "Close"
     argv = ["replay", str(shepp_accel2), "--port", str(server.port), "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 1
-    printed = capsys.readouterr().out
-    assert "the server returned no images" in printed and "server error" not in printed
+    printed = capsys.readouterr().err
+    assert printed == "recon-server replay: the server returned no images\n"
     assert not list(tmp_path.iterdir())
 
 
@@ -160,5 +160,5 @@ def test_server_error_is_still_a_server_error(
     server = tiny_server([wire.Text("ERR ValueError: no usable calibration")])
     argv = ["replay", str(shepp_accel2), "--port", str(server.port), "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 1
-    printed = capsys.readouterr().out
-    assert "server error: ERR ValueError: no usable calibration" in printed
+    printed = capsys.readouterr().err
+    assert printed == "recon-server replay: server error: ERR ValueError: no usable calibration\n"

@@ -22,6 +22,7 @@ from recon_server.recon import methods
 from recon_server.research import quality as metrics
 from recon_server.service.config import ServiceConfig
 from recon_server.service.server import StreamServer
+from recon_server.service.stream import PROGRESS_PREFIX
 
 
 def nrmse(image: np.ndarray, truth: np.ndarray) -> float:
@@ -52,7 +53,8 @@ def _client_scan(path: Path, address: tuple[str, int], *, text: str | None = Non
         ser.close()
         images, texts = [], []
         for item in ProtocolDeserializer(sock.makefile("rb")).deserialize():
-            (images if isinstance(item, ismrmrd.Image) else texts).append(item)
+            if not str(item).startswith(PROGRESS_PREFIX):  # the server's progress lines
+                (images if isinstance(item, ismrmrd.Image) else texts).append(item)
     return images, texts
 
 
@@ -68,7 +70,7 @@ def _raw_exchange(address: tuple[str, int], payload: bytes, *, half_close: bool 
                 texts.append(item)
         except EOFError:
             pass
-    return [t for t in texts if isinstance(t, str)]
+    return [t for t in texts if isinstance(t, str) and not t.startswith(PROGRESS_PREFIX)]
 
 
 def test_ismrmrd_python_client_gets_images(shepp_truth, server: StreamServer, shepp_full: Path) -> None:

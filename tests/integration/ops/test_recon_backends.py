@@ -11,7 +11,6 @@ import torch
 from recon_server.cli.main import main
 from recon_server.dpm.checkpoint import save_checkpoint
 from recon_server.dpm.unet import build_denoiser
-from recon_server.recon.methods import configure_diffusion
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED_MODEL = REPO / "models" / "flair-stroke-demo"
@@ -33,12 +32,8 @@ def _recon(raw: Path, out: Path, model_dir: Path, backend: str, onnx: Path | Non
     argv = ["recon", str(raw), "--out", str(out), "--method", "dps-fast", "--model-dir", str(model_dir)]
     argv += ["--backend", backend] + (["--onnx-file", str(onnx)] if onnx is not None else [])
     # The equivalence is about fp32 arithmetic: the torch side would otherwise pick bf16 where the
-    # CPU runs it faster (DiffusionSettings.cpu_precision "auto").
-    configure_diffusion(cpu_precision="fp32")
-    try:
-        assert main(argv) == 0
-    finally:  # process-wide settings: leave them clean
-        configure_diffusion(model_dir=None, denoiser=None, cpu_precision="auto")
+    # CPU runs it faster (--cpu-precision auto).
+    assert main([*argv, "--cpu-precision", "fp32"]) == 0
     return np.load(out / "images.npy")
 
 

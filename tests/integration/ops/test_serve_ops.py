@@ -74,7 +74,9 @@ def test_health_metrics_and_logs_during_replay(served, raw_with_id: Path, tmp_pa
             pass
     errors = _metrics(served.http)
     assert errors['recon_server_streams_total{listener="mrd",outcome="error"}'] >= 1
-    assert any(k.startswith('recon_server_errors_total{where="mrd",error=') for k in errors), errors
+    assert any(
+        k.startswith("recon_server_errors_total{error=") and k.endswith(',where="mrd"}') for k in errors
+    ), errors
 
     # JSON log lines: every line of the scan's connection after its header names the measurement.
     lines = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]

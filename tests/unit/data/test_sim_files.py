@@ -10,7 +10,7 @@ import ismrmrd
 import numpy as np
 from ismrmrd import xsd
 
-from recon_server.data import acquire
+from recon_server.data import acquire, coils, ismrmrd_raw
 from recon_server.mrd.assemble import Assembler
 from recon_server.mrd.ismrmrd_io import read_raw
 
@@ -28,7 +28,7 @@ def test_raw_file_holds_noise_then_acquired_lines_with_calibration_flags(sim_dir
     meta = json.loads((sim_dir / "sub-000" / "subject.json").read_text())
     flags = raw.acquisition_headers["flags"].astype(np.int64)
     noise = (flags & _bit(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)) != 0
-    assert noise[: acquire.NOISE_ACQUISITIONS].all() and not noise[acquire.NOISE_ACQUISITIONS :].any()
+    assert noise[: ismrmrd_raw.NOISE_ACQUISITIONS].all() and not noise[ismrmrd_raw.NOISE_ACQUISITIONS :].any()
     imaging = ~noise
     ky = raw.acquisition_headers["idx"]["kspace_encode_step_1"][imaging]
     slices = raw.acquisition_headers["idx"]["slice"][imaging]
@@ -56,15 +56,15 @@ def test_raw_lines_are_the_reference_samples(sim_dir: Path) -> None:
     lookup = {
         (int(h["idx"]["slice"]), int(h["idx"]["kspace_encode_step_1"])): d
         for h, d in zip(
-            ref.acquisition_headers[acquire.NOISE_ACQUISITIONS :],
-            ref.data[acquire.NOISE_ACQUISITIONS :],
+            ref.acquisition_headers[ismrmrd_raw.NOISE_ACQUISITIONS :],
+            ref.data[ismrmrd_raw.NOISE_ACQUISITIONS :],
             strict=True,
         )
     }
-    assert len(lookup) == len(ref.data) - acquire.NOISE_ACQUISITIONS
+    assert len(lookup) == len(ref.data) - ismrmrd_raw.NOISE_ACQUISITIONS
     for h, d in zip(
-        raw.acquisition_headers[acquire.NOISE_ACQUISITIONS :],
-        raw.data[acquire.NOISE_ACQUISITIONS :],
+        raw.acquisition_headers[ismrmrd_raw.NOISE_ACQUISITIONS :],
+        raw.data[ismrmrd_raw.NOISE_ACQUISITIONS :],
         strict=True,
     ):
         np.testing.assert_array_equal(
@@ -110,7 +110,7 @@ def test_service_assembler_reads_raw_file(sim_dir: Path) -> None:
     meta = json.loads((sim_dir / "sub-001" / "subject.json").read_text())
     assert scan.kspace.shape == (3, 4, 64, 64) and scan.contrast == "FLAIR"
     assert tuple(scan.acs) == tuple(meta["acs"])
-    assert scan.noise is not None and scan.noise.shape == (4, acquire.NOISE_ACQUISITIONS * 128)
+    assert scan.noise is not None and scan.noise.shape == (4, ismrmrd_raw.NOISE_ACQUISITIONS * 128)
     assert 2.0 < scan.acceleration < 4.5
     spacing = np.linalg.norm(np.subtract(scan.geometry[1].position, scan.geometry[0].position))
     assert spacing >= 5.0 and scan.geometry[0].read_dir == (1.0, 0.0, 0.0)
@@ -121,9 +121,9 @@ def test_calibration_only_acs_lines_for_grappa_style_files(small_config: acquire
 
     cfg = dataclasses.replace(small_config, acs_calibration_only=True)
     subject = acquire.simulate_subject(cfg, seed=11, index=0)
-    heads, _ = acquire.acquisitions(subject, undersampled=True)
-    flags = heads["flags"].astype(np.int64)[acquire.NOISE_ACQUISITIONS :]
-    ky = heads["idx"]["kspace_encode_step_1"][acquire.NOISE_ACQUISITIONS :]
+    heads, _ = ismrmrd_raw.acquisitions(subject, undersampled=True)
+    flags = heads["flags"].astype(np.int64)[ismrmrd_raw.NOISE_ACQUISITIONS :]
+    ky = heads["idx"]["kspace_encode_step_1"][ismrmrd_raw.NOISE_ACQUISITIONS :]
     calib = (flags & _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)) != 0
     both = (flags & _bit(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)) != 0
     in_acs = (ky >= subject.acs[0]) & (ky < subject.acs[1])
@@ -160,7 +160,7 @@ def test_coil_weight_is_what_prewhitened_coil_combination_returns(
     assert weight is not None and weight.shape == subject.truth.shape
     rng = np.random.default_rng([21, 4, 7])  # the noise stream of acquire._streams
     rng.uniform(30.0, 40.0) if small_config.snr is None else None
-    mix = acquire.noise_mixing(small_config.coils, rng)
+    mix = coils.noise_mixing(small_config.coils, rng)
     coil_images = np.linalg.inv(mix) @ (subject.maps * subject.truth[:, None]).reshape(
         subject.maps.shape[0], small_config.coils, -1
     )

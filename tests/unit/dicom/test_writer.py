@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from recon_server.dicom.header import ScanHeader
 from recon_server.dicom.writer import (
     GENERATED_STUDY_UID_NOTE,
     MAX_STORED,
@@ -20,6 +19,7 @@ from recon_server.dicom.writer import (
     write_atomic,
     write_series,
 )
+from recon_server.scan_header import ScanHeader
 
 GEOMETRIES = [
     pytest.param(False, True, id="axial-flair"),

@@ -13,8 +13,9 @@ from recon_server.dpm.checkpoint import read_tensors, read_training_meta
 from recon_server.dpm.precision import CpuPrecision, probe_cpu_precision
 from recon_server.dpm.unet import build_denoiser
 from recon_server.training.augment import Augmentation, augment, head_patches
+from recon_server.training.config import TrainConfig
 from recon_server.training.schedule import LRSchedule
-from recon_server.training.train import TrainConfig, train
+from recon_server.training.train import train
 from recon_server.training.trainset import NpySliceSet, TensorSliceSet
 from recon_server.training.truthset import normalised_truth, write_truth_set
 

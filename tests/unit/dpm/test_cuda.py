@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from recon_server.dpm.unet import build_denoiser
+from recon_server.training.config import TrainConfig
+from recon_server.training.distributed import DistInfo
 from recon_server.training.schedule import LRSchedule
-from recon_server.training.train import DistInfo, TrainConfig, train, validate
+from recon_server.training.train import train
 from recon_server.training.trainset import TensorSliceSet
+from recon_server.training.validation import validate
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -14,8 +14,9 @@ import torch
 from recon_server.dpm.checkpoint import read_tensors, read_training_meta
 from recon_server.dpm.edm import EDMLoss
 from recon_server.dpm.unet import EDMDenoiser, build_denoiser
+from recon_server.training.config import TrainConfig, steps_for_epochs
 from recon_server.training.schedule import EMA, LRSchedule
-from recon_server.training.train import VAL_SEED, TrainConfig, steps_for_epochs, train, validate
+from recon_server.training.train import train
 from recon_server.training.trainset import (
     SliceSet,
     StepBatchSampler,
@@ -28,6 +29,7 @@ from recon_server.training.trainset import (
     split_subjects,
     write_npy_slice_set,
 )
+from recon_server.training.validation import VAL_SEED, validate
 
 
 def _config(steps: int, **kw: object) -> TrainConfig:

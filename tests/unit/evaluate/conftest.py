@@ -29,12 +29,10 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_diffusion_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Tests point the methods at their own models; restore the process-wide settings afterwards.
+def _no_model_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Tests name their own models (DiffusionSettings); the caller's environment must not.
     monkeypatch.delenv(methods.MODEL_DIR_ENV, raising=False)
-    saved = methods.DiffusionSettings(**vars(methods.DIFFUSION))
     yield
-    methods.configure_diffusion(**vars(saved))
 
 
 def simulate(root: Path, contrast: str, count: int, *, first: int = 0, lesions: bool = False) -> Path:

@@ -33,10 +33,10 @@ def test_diffusion_methods_run_through_the_pipeline(
     scan, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     monkeypatch.setenv(methods.MODEL_DIR_ENV, str(tiny_model))
-    methods.configure_diffusion(
+    diffusion = methods.DiffusionSettings(
         overrides={"dps": {"steps": 4}, "dps-fast": {"steps": 4}, "dps-warm": {"steps": 2}}
     )
-    volume = pipeline.reconstruct(scan, method=name)
+    volume = pipeline.reconstruct(scan, method=name, diffusion=diffusion)
     assert volume.magnitude.shape == (2, 64, 64) and np.isfinite(volume.magnitude).all()
     prov = volume.provenance
     assert (prov.method, prov.model_name, prov.model_version) == (name, "tiny-flair", "0.0.1")
@@ -52,8 +52,8 @@ def test_diffusion_methods_run_through_the_pipeline(
 
 
 def test_several_samples_add_an_sd_series(scan, tiny_model: Path, tmp_path: Path) -> None:
-    methods.configure_diffusion(model_dir=tiny_model, overrides={"dps-fast": {"steps": 3}})
-    volumes = pipeline.reconstruct_all(scan, method="dps-fast", samples=3)
+    diffusion = methods.DiffusionSettings(model_dir=tiny_model, overrides={"dps-fast": {"steps": 3}})
+    volumes = pipeline.reconstruct_all(scan, method="dps-fast", samples=3, diffusion=diffusion)
     assert len(volumes) == 2
     image, sd = volumes
     assert sd.role == "sd" and sd.series_index == image.series_index + pipeline.SD_SERIES_OFFSET
@@ -82,14 +82,14 @@ def test_several_samples_add_an_sd_series(scan, tiny_model: Path, tmp_path: Path
 
 
 def test_clear_errors_for_model_and_contrast(scan, tiny_model: Path, tmp_path: Path) -> None:
-    methods.configure_diffusion(model_dir=tmp_path / "nowhere")
+    diffusion = methods.DiffusionSettings(model_dir=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="does not exist"):
-        pipeline.reconstruct(scan, method="dps-fast")
-    methods.configure_diffusion(model_dir=tiny_model, overrides={"dps-fast": {"steps": 2}})
+        pipeline.reconstruct(scan, method="dps-fast", diffusion=diffusion)
+    diffusion = methods.DiffusionSettings(model_dir=tiny_model, overrides={"dps-fast": {"steps": 2}})
     with pytest.raises(ValueError, match="'PD' is not a slot"):
-        pipeline.reconstruct(evaluate.replace(scan, contrast="PD"), method="dps-fast")
+        pipeline.reconstruct(evaluate.replace(scan, contrast="PD"), method="dps-fast", diffusion=diffusion)
     with pytest.raises(ValueError, match="needs the scan's contrast"):
-        pipeline.reconstruct(evaluate.replace(scan, contrast=""), method="dps-fast")
+        pipeline.reconstruct(evaluate.replace(scan, contrast=""), method="dps-fast", diffusion=diffusion)
 
 
 def test_tuned_card_values_are_used_and_the_card_still_loads(tiny_model: Path, tmp_path: Path) -> None:
@@ -143,8 +143,10 @@ class _PlainDenoiser:
 
 def test_an_injected_backend_runs_the_no_backprop_samplers(scan, tiny_model: Path) -> None:
     plain = _PlainDenoiser(tiny_model)
-    methods.configure_diffusion(model_dir=tiny_model, denoiser=plain, overrides={"dps-fast": {"steps": 3}})
-    volume = pipeline.reconstruct(scan, method="dps-fast")
+    diffusion = methods.DiffusionSettings(
+        model_dir=tiny_model, denoiser=plain, overrides={"dps-fast": {"steps": 3}}
+    )
+    volume = pipeline.reconstruct(scan, method="dps-fast", diffusion=diffusion)
     assert plain.calls == 3 and volume.provenance.model_name == "tiny-flair"  # card of the model dir
     with pytest.raises(ValueError, match="needs the torch backend"):
-        pipeline.reconstruct(scan, method="dps")
+        pipeline.reconstruct(scan, method="dps", diffusion=diffusion)

@@ -13,6 +13,7 @@ from recon_server.mrd.assemble import assemble
 from recon_server.ops import service_metrics as ops_metrics
 from recon_server.recon import methods, pipeline
 from recon_server.scan import KSpaceScan
+from recon_server.service.worker import ReconWorker
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_a_failing_method_falls_back_and_is_marked(scan: KSpaceScan, monkeypatch
     boom = torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2.00 GiB")
     monkeypatch.setitem(methods.METHODS, "boom", _raising(boom))
     labels = {"method": "boom", "fallback": "cg-sense", "reason": "out-of-memory"}
-    before = ops_metrics.FALLBACKS.value(**labels)
+    before = ops_metrics.REGISTRY.value("recon_server_fallbacks_total", **labels)
     (volume,) = pipeline.reconstruct_all(scan, method="boom", fallback="cg-sense")
     prov = volume.provenance
     assert prov.method == "cg-sense"
@@ -61,7 +62,7 @@ def test_a_failing_method_falls_back_and_is_marked(scan: KSpaceScan, monkeypatch
     assert reason == "out-of-memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert volume.series_description.endswith(" (fallback: cg-sense)")
     assert pipeline.fallback_note(prov) == f"boom -> cg-sense: {reason}"
-    assert ops_metrics.FALLBACKS.value(**labels) == before + 1
+    assert ops_metrics.REGISTRY.value("recon_server_fallbacks_total", **labels) == before + 1
     direct = pipeline.reconstruct(scan, method="cg-sense")
     assert pipeline.fallback_note(direct.provenance) == ""
     torch.testing.assert_close(torch.from_numpy(volume.magnitude), torch.from_numpy(direct.magnitude))
@@ -94,8 +95,8 @@ def test_cuda_without_cuda_falls_back_on_the_cpu(scan: KSpaceScan) -> None:
 
 def test_worker_uses_its_fallback(scan: KSpaceScan, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(methods.METHODS, "boom", _raising(RuntimeError("kaput")))
-    worker = pipeline.ReconWorker(fallback="zero-filled")
-    off = pipeline.ReconWorker(fallback=None)
+    worker = ReconWorker(fallback="zero-filled")
+    off = ReconWorker(fallback=None)
     try:
         (volume,) = worker.submit(scan, "boom").result(timeout=60)
         assert volume.provenance.method == "zero-filled"

@@ -15,13 +15,15 @@ from recon_server.mrd.replay import replay_file, stream_scan
 from recon_server.recon import methods
 from recon_server.service.config import ServiceConfig
 from recon_server.service.server import StreamServer
+from recon_server.service.worker import ReconWorker
 
 
 @pytest.fixture
 def dps_server(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StreamServer]:
     monkeypatch.setenv(methods.MODEL_DIR_ENV, str(tiny_model))
-    methods.configure_diffusion(overrides={"dps-fast": {"steps": 2}})
-    server = StreamServer(ServiceConfig(port=0, default_method="dps-fast", socket_timeout_s=60))
+    worker = ReconWorker(diffusion=methods.DiffusionSettings(overrides={"dps-fast": {"steps": 2}}))
+    config = ServiceConfig(port=0, default_method="dps-fast", socket_timeout_s=60)
+    server = StreamServer(config, worker=worker)
     server.start()
     yield server
     server.stop()

@@ -10,7 +10,8 @@ import pytest
 from recon_server.mrd import client_config as cc
 from recon_server.recon.methods import METHODS
 from recon_server.service import gadget
-from recon_server.service.config import ConfigError, ServiceConfig, parse_config
+from recon_server.service.config import ConfigError, ServiceConfig
+from recon_server.service.config_file import parse_config
 
 
 def test_one_parser_for_the_gadget_and_the_stream_server() -> None:

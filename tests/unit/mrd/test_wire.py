@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gadgetron.types import recon_data as gt_recon
 
-from recon_server.mrd import wire
+from recon_server.mrd import wire, wire_layout
 from recon_server.mrd.ismrmrd_io import new_acquisition_headers
 
 
@@ -122,7 +122,7 @@ def test_recon_data_interop_with_gadgetron_python() -> None:
 
 
 def test_waveform_round_trip() -> None:
-    head = np.zeros(1, dtype=wire.WAVEFORM_HEADER_DTYPE)[0]
+    head = np.zeros(1, dtype=wire_layout.WAVEFORM_HEADER_DTYPE)[0]
     msg = wire.Waveform(head, np.arange(12, dtype=np.uint32).reshape(2, 6))
     back = wire.WireReader(_encode(msg)).read_message()
     assert isinstance(back, wire.Waveform)

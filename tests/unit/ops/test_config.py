@@ -12,7 +12,8 @@ import pytest
 from recon_server.cli.main import build_parser, main
 from recon_server.cli.serve import serve_config
 from recon_server.recon.methods import METHODS
-from recon_server.service.config import ConfigError, load_config
+from recon_server.service.config import ConfigError
+from recon_server.service.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "docker" / "recon-server.toml"

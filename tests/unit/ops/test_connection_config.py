@@ -12,7 +12,8 @@ import pytest
 
 from recon_server.cli.main import build_parser
 from recon_server.cli.serve import serve_config
-from recon_server.service.config import ConfigError, ServiceConfig, parse_config
+from recon_server.service.config import ConfigError, ServiceConfig
+from recon_server.service.config_file import parse_config
 from recon_server.service.listener import client_allowed, parse_networks
 
 REPO = Path(__file__).resolve().parents[3]

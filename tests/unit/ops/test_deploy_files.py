@@ -16,7 +16,7 @@ import pytest
 
 from recon_server.cli.main import build_parser
 from recon_server.recon.methods import METHODS
-from recon_server.service.config import load_config
+from recon_server.service.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[3]
 COMPOSE = REPO / "docker-compose.yml"

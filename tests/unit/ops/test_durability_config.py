@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from recon_server.recon.methods import METHODS
-from recon_server.service.config import DEFAULT_TIME_LIMIT_S, ConfigError, ServiceConfig, load_config
+from recon_server.service.config import DEFAULT_TIME_LIMIT_S, ConfigError, ServiceConfig
+from recon_server.service.config_file import load_config
 
 
 def _load(tmp_path: Path, text: str) -> ServiceConfig:

@@ -12,6 +12,7 @@ import pytest
 from recon_server.ops import service_metrics as metrics
 from recon_server.ops.http import OpsServer, queue_ready
 from recon_server.recon import pipeline
+from recon_server.service import worker as recon_worker
 
 
 @pytest.fixture
@@ -26,14 +27,14 @@ def blocked(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
                 raise stop
         return [scan]
 
-    monkeypatch.setattr(pipeline, "reconstruct_all", fake)
+    monkeypatch.setattr(recon_worker, "reconstruct_all", fake)
     return release
 
 
 def test_readyz_false_while_the_queue_is_over_the_threshold(blocked: threading.Event) -> None:
-    worker = pipeline.ReconWorker(max_pending=8)
+    worker = recon_worker.ReconWorker(max_pending=8)
     ops = OpsServer(checks={"recon_queue": queue_ready(worker, 1)})
-    wait_before = metrics.QUEUE_WAIT.count()
+    wait_before = metrics.REGISTRY.value("recon_server_queue_wait_seconds_count")
     try:
         futures = [worker.submit(f"scan{i}", "cg-sense") for i in range(3)]  # type: ignore[arg-type]
         deadline = time.monotonic() + 5
@@ -41,19 +42,19 @@ def test_readyz_false_while_the_queue_is_over_the_threshold(blocked: threading.E
             time.sleep(0.01)
         ready, checks = ops.readiness()
         assert not ready and checks["recon_queue"]["detail"] == "2 scans waiting (threshold 1)"
-        assert metrics.REGISTRY.render().count("recon_server_queue_waiting_scans 2") == 1
+        assert metrics.REGISTRY.render().count("recon_server_queue_waiting_scans 2.0\n") == 1
         blocked.set()
         assert [f.result(5) for f in futures] == [["scan0"], ["scan1"], ["scan2"]]
         ready, checks = ops.readiness()
         assert ready, checks
-        assert metrics.QUEUE_WAIT.count() == wait_before + 3
+        assert metrics.REGISTRY.value("recon_server_queue_wait_seconds_count") == wait_before + 3
     finally:
         blocked.set()
         worker.stop(5)
 
 
 def test_readyz_false_while_the_worker_is_stuck(blocked: threading.Event) -> None:
-    worker = pipeline.ReconWorker(time_limit=lambda method: 0.05)
+    worker = recon_worker.ReconWorker(time_limit=lambda method: 0.05)
     check = queue_ready(worker, 4, stuck_margin_s=0.0)
     try:
         worker.submit("scan", "cg-sense")  # type: ignore[arg-type]
@@ -67,7 +68,7 @@ def test_readyz_false_while_the_worker_is_stuck(blocked: threading.Event) -> Non
 
 
 def test_cancelled_job_is_dropped_or_stopped_and_stop_ends_the_queue(blocked: threading.Event) -> None:
-    worker = pipeline.ReconWorker()
+    worker = recon_worker.ReconWorker()
     gone = threading.Event()
     running = worker.submit("a", "cg-sense", cancel=gone)  # type: ignore[arg-type]
     queued = worker.submit("b", "cg-sense")  # type: ignore[arg-type]
@@ -75,7 +76,7 @@ def test_cancelled_job_is_dropped_or_stopped_and_stop_ends_the_queue(blocked: th
     with pytest.raises(pipeline.ReconCancelled, match="client went away"):
         running.result(5)
     assert worker.stop(5)
-    with pytest.raises(pipeline.ServiceStopping):
+    with pytest.raises(recon_worker.ServiceStopping):
         queued.result(5)
-    with pytest.raises(pipeline.ServiceStopping):
+    with pytest.raises(recon_worker.ServiceStopping):
         worker.submit("c", "cg-sense")  # type: ignore[arg-type]

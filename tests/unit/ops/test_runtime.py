@@ -14,37 +14,33 @@ from recon_server.dicom.spool import Spool
 from recon_server.dpm.checkpoint import load_checkpoint
 from recon_server.dpm.onnx import OnnxDenoiser, export_onnx
 from recon_server.ops.service_metrics import REGISTRY, parse_exposition
-from recon_server.recon.methods import DIFFUSION, configure_diffusion
 from recon_server.service.config import AppConfig, ServiceConfig
-
-
-@pytest.fixture
-def clean_diffusion():  # type: ignore[no-untyped-def]
-    yield
-    configure_diffusion(model_dir=None, denoiser=None, device=None)
+from recon_server.service.worker import worker_for
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_model_loader_backends(backend: str, tiny_checkpoint: Path, tmp_path: Path, clean_diffusion) -> None:  # type: ignore[no-untyped-def]
+def test_model_loader_backends(backend: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     onnx_file = None
     if backend == "onnx":
         model, _ = load_checkpoint(tiny_checkpoint)
         onnx_file = export_onnx(model, tmp_path / "d.onnx", exporter="torchscript")
     app = AppConfig(service=ServiceConfig(model_dir=tiny_checkpoint, backend=backend, onnx_file=onnx_file))
-    loader = ModelLoader(app).start()
-    assert DIFFUSION.model_dir == tiny_checkpoint  # the diffusion methods use the configured model
+    worker = worker_for(app.service)
+    assert worker.diffusion.model_dir == tiny_checkpoint  # the diffusion methods use the configured model
+    loader = ModelLoader(app, worker.use_denoiser).start()
     loader.wait(120)
     ok, detail = loader.check()
     assert ok, detail
     assert detail.startswith(f"loaded {tiny_checkpoint}")
     values = parse_exposition(REGISTRY.render())
     provider = "CPUExecutionProvider" if backend == "onnx" else "torch:cpu"
-    assert values[f'recon_server_info{{version="0.1.0",backend="{backend}",provider="{provider}"}}'] == 1
+    assert values[f'recon_server_info{{backend="{backend}",provider="{provider}",version="0.1.0"}}'] == 1
     if backend == "onnx":
-        assert isinstance(DIFFUSION.denoiser, OnnxDenoiser)  # the no-backprop samplers run on it
+        assert isinstance(worker.diffusion.denoiser, OnnxDenoiser)  # the no-backprop samplers run on it
+    worker.close()
 
 
-def test_model_loader_reports_a_broken_model(tmp_path: Path, clean_diffusion) -> None:  # type: ignore[no-untyped-def]
+def test_model_loader_reports_a_broken_model(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "card.json").write_text("{}")
