@@ -145,7 +145,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             f"{time.perf_counter() - started:.1f} s elapsed",
         )
         if args.lesions and not subject.metadata.get("lesion_voxels"):
-            drawn = int(subject.metadata.get("lesion_count", 0) or 0)
+            lesions = subject.metadata.get("lesions")
+            drawn = len(lesions) if isinstance(lesions, list) else 0
             _say(
                 "simulate",
                 f"warning: {subject.subject_id}: the slab holds no lesion voxels "

@@ -131,6 +131,36 @@ def validate_dicom(files: list[Path]) -> str:
     return f"dciodvfy: {errors} errors in {len(files)} files"
 
 
+def write_demo_preview(
+    path: Path, truth: np.ndarray, recon: np.ndarray, method: str
+) -> tuple[Path, list[int]]:
+    """``preview.png``: for three slices (rows), truth | reconstruction (scale fitted) | 5x |error|,
+    titled with the method, the slice and its NRMSE (as in the quality table). Returns the path
+    and the slices shown."""
+    from recon_server.research import quality as metrics
+    from recon_server.research.preview import Panel, write_titled_sheet
+
+    picks = [int(k) for k in np.linspace(0, truth.shape[0] - 1, 3).round().astype(int)]
+    mask = head_mask(truth)
+    panels = []
+    for k in picks:
+        scale = float(np.vdot(recon[k], truth[k]).real / max(np.vdot(recon[k], recon[k]).real, 1e-12))
+        error = metrics.nrmse(recon[k], truth[k], mask=mask[k], fit_scale=True)
+        white = float(np.percentile(truth[k], 99.5)) or 1.0  # one grey scale per row
+        panels += [
+            Panel(truth[k], f"truth, slice {k}", white),
+            Panel(scale * recon[k], f"{method}, slice {k}, NRMSE {error:.3f}", white),
+            Panel(5 * np.abs(scale * recon[k] - truth[k]), f"5x |error|, slice {k}", white),
+        ]
+    png = write_titled_sheet(
+        path,
+        panels,
+        columns=3,
+        title=f"recon-server demo: 2x stroke FLAIR, {method} (server) vs noiseless truth",
+    )
+    return png, picks
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the ``recon-server`` parser."""
     p = subparsers.add_parser(
@@ -157,8 +187,6 @@ def run_demo(args: argparse.Namespace) -> int:
     """``recon-server demo``: the stages of the module docstring; exit 0 when all passed."""
     from recon_server.cli import main as cli
     from recon_server.recon.methods import DiffusionSettings
-    from recon_server.research import quality as metrics
-    from recon_server.research.preview import Panel, write_titled_sheet
 
     out: Path = args.out
     if args.method is None:
@@ -218,25 +246,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
 
     _stage("6. preview")
-    picks = np.linspace(0, truth.shape[0] - 1, 3).round().astype(int)
-    mask = head_mask(truth)
-    panels = []
-    for k in picks:
-        scale = float(np.vdot(recon[k], truth[k]).real / max(np.vdot(recon[k], recon[k]).real, 1e-12))
-        error = metrics.nrmse(recon[k], truth[k], mask=mask[k], fit_scale=True)
-        white = float(np.percentile(truth[k], 99.5)) or 1.0  # one grey scale per row
-        panels += [
-            Panel(truth[k], f"truth, slice {k}", white),
-            Panel(scale * recon[k], f"{args.method}, slice {k}, NRMSE {error:.3f}", white),
-            Panel(5 * np.abs(scale * recon[k] - truth[k]), f"5x |error|, slice {k}", white),
-        ]
-    png = write_titled_sheet(
-        out / "preview.png",
-        panels,
-        columns=3,
-        title=f"recon-server demo: 2x stroke FLAIR, {args.method} (server) vs noiseless truth",
-    )
-    print(f"{png}: rows = slices {picks.tolist()}; columns = truth | {args.method} | 5x |error|")
+    png, picks = write_demo_preview(out / "preview.png", truth, recon, args.method)
+    print(f"{png}: rows = slices {picks}; columns = truth | {args.method} | 5x |error|")
 
     print("\n== timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return 0

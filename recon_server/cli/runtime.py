@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from recon_server.ops import service_metrics as metrics
 from recon_server.ops.http import Check, OpsServer, spool_writable, thread_alive
 from recon_server.ops.service_metrics import REGISTRY, Sample, SampleCollector
 from recon_server.service.config import AppConfig
+from recon_server.service.endpoint import Endpoint
 from recon_server.service.listener import liveness as listener_liveness
 from recon_server.service.worker import ReconWorker
 
@@ -161,11 +162,16 @@ def readiness_checks(
 
 
 def start_ops(
-    app: AppConfig, *, worker: ReconWorker, sender: object | None = None
+    app: AppConfig,
+    *,
+    worker: ReconWorker,
+    sender: object | None = None,
+    endpoints: Sequence[Endpoint] = (),
 ) -> tuple[OpsServer | None, ModelLoader, Callable[[], None]]:
     """Start the model pre-load, register collectors and (unless disabled) the HTTP endpoint.
 
-    Returns ``(server or None, loader, stop)``.
+    ``endpoints``: the listeners whose accept loops ``/healthz`` watches (a list the caller may
+    still append to). Returns ``(server or None, loader, stop)``.
     """
     model = ModelLoader(app, worker.use_denoiser).start()
     if app.dicom is not None and app.dicom.destinations:
@@ -181,7 +187,7 @@ def start_ops(
         app.ops.http_host,
         app.ops.http_port,
         checks=readiness_checks(app, worker=worker, sender=sender, model=model),
-        liveness={"accept_loops": listener_liveness},
+        liveness={"accept_loops": lambda: listener_liveness([e.accept_loop for e in endpoints])},
     )
     server.start()
     return server, model, server.stop

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``recon-server`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = options.HelpFormatter
     p = subparsers.add_parser(
         "serve",
         help="run the MRD stream server (and Gadgetron listener)",
         formatter_class=fmt,
         description="Options given on the command line override the --config file; the file "
-        "overrides the built-in defaults shown here as 'default: None (X)'.",
+        "overrides the built-in defaults shown in parentheses. Methods: " + options.METHOD_LIST + ".",
     )
     p.add_argument(
         "--config", type=Path, default=None, help="TOML configuration file (docs/configuration.md)"
@@ -48,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gadgetron-host", default=None, help="address of the Gadgetron listener (127.0.0.1)")
     p.add_argument("--gadgetron-only", action="store_true", help="run only the Gadgetron listener")
-    p.add_argument("--method", default=None, help="default reconstruction method (cg-sense)")
+    p.add_argument(
+        "--method", default=None, help="default reconstruction method (cg-sense); one of the methods above"
+    )
     p.add_argument(
         "--method-for",
         type=options.contrast_method,
@@ -207,13 +209,75 @@ def _timed(stage: str, sink: Callable[[ImageVolume], object]) -> Callable[[Image
     return timed
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from recon_server.cli.runtime import start_ops
+@dataclasses.dataclass
+class _Outputs:
+    """The service's output sinks and what the DICOM side left from an earlier run."""
+
+    sinks: list[Callable[[ImageVolume], None]]
+    sender: Any = None  # dicom.deliver.SenderWorker when there are PACS destinations
+    spool: Any = None  # dicom.spool.Spool likewise
+    reconciled: set[str] = dataclasses.field(default_factory=set)  # journal tags the PACS has
+
+
+def _outputs(app: AppConfig) -> _Outputs:
+    """The .npy and DICOM sinks; the DICOM spool reconciled before anything new is written."""
     from recon_server.dicom.deliver import SenderWorker, store_series
     from recon_server.dicom.spool import Spool
+
+    config, dicom = app.service, app.dicom
+    out = _Outputs(sinks=[_timed("npy", volume_npy_sink(config.output_dir))] if config.output_dir else [])
+    if dicom is None:
+        return out
+    if dicom.destinations:
+        out.spool = Spool(dicom.spool_dir)
+        report = out.spool.reconcile()  # before anything new is written (docs/dicom.md)
+        out.reconciled = report.delivered_tags
+        if report.respooled or report.dropped:
+            log.warning(
+                "DICOM spool after a restart: %d series spooled again (%d images), %d unfinished "
+                "series left to the journal",
+                report.respooled,
+                report.images,
+                report.dropped,
+            )
+        out.sender = SenderWorker(dicom).start()
+    out.sinks.append(_timed("dicom", functools.partial(store_series, config=dicom, worker=out.sender)))
+    print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
+    return out
+
+
+def _start_listeners(
+    config: ServiceConfig, outputs: _Outputs, worker: Any, journal: Any, ops_server: Any
+) -> list[Any]:
+    """The MRD stream server (unless Gadgetron only) and the Gadgetron listener (if a port is set)."""
+    from recon_server.service.gadget import GadgetronListener
+    from recon_server.service.server import StreamServer
+
+    started: list[Any] = []
+    if not config.gadgetron_only:
+        server = StreamServer(config, sinks=outputs.sinks, worker=worker, journal=journal)
+        host, port = server.start()
+        started.append(server)
+        print(f"recon-server: MRD stream server on {host}:{port}", flush=True)
+        if ops_server is not None:
+
+            def accepting_check() -> tuple[bool, str]:
+                down = server.shutting_down
+                return not down, "shutting down" if down else "accepting streams"
+
+            ops_server.checks["accepting"] = accepting_check
+    if config.gadgetron_port is not None:
+        listener = GadgetronListener(config, sinks=outputs.sinks, worker=worker)
+        host, port = listener.start()
+        started.append(listener)
+        print(f"recon-server: Gadgetron <connect> listener on {host}:{port}", flush=True)
+    return started
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recon_server.cli.runtime import start_ops
     from recon_server.ops.http import queue_ready
     from recon_server.ops.logs import configure_logging
-    from recon_server.service.gadget import GadgetronListener
     from recon_server.service.journal import Journal
     from recon_server.service.server import StreamServer
     from recon_server.service.worker import worker_for
@@ -236,62 +300,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     done = threading.Event()
     # Set at once, so that a SIGTERM during the start (model load, recovery) is not lost.
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    sinks = [_timed("npy", volume_npy_sink(config.output_dir))] if config.output_dir else []
-    dicom = app.dicom
-    sender = None
-    spool = None
-    reconciled: set[str] = set()
-    if dicom is not None:
-        if dicom.destinations:
-            spool = Spool(dicom.spool_dir)
-            report = spool.reconcile()  # before anything new is written (docs/dicom.md)
-            reconciled = report.delivered_tags
-            if report.respooled or report.dropped:
-                log.warning(
-                    "DICOM spool after a restart: %d series spooled again (%d images), %d unfinished "
-                    "series left to the journal",
-                    report.respooled,
-                    report.images,
-                    report.dropped,
-                )
-        sender = SenderWorker(dicom).start() if dicom.destinations else None
-        sinks.append(_timed("dicom", functools.partial(store_series, config=dicom, worker=sender)))
-        print(f"recon-server: DICOM series -> {dicom.output_dir}", flush=True)
+    outputs = _outputs(app)
     journal = None
     if config.journal_dir is not None:
         journal = Journal(
             config.journal_dir,
             failed_dir=config.failed_scans_dir,
-            on_release=spool.release if spool is not None else None,
+            on_release=outputs.spool.release if outputs.spool is not None else None,
         )
     worker = worker_for(config)
-    ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=sender)
+    endpoints: list[Any] = []  # /healthz watches their accept loops
+    ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=outputs.sender, endpoints=endpoints)
     if ops_server is not None:
         ops_server.checks["recon_queue"] = queue_ready(worker, config.ready_queue_threshold)
         if ops_server.address is not None:
             host, port = ops_server.address
             print(f"recon-server: health and metrics on http://{host}:{port}", flush=True)
-    server = listener = None
-    if not config.gadgetron_only:
-        server = StreamServer(config, sinks=sinks, worker=worker, journal=journal)
-        host, port = server.start()
-        print(f"recon-server: MRD stream server on {host}:{port}", flush=True)
-        if ops_server is not None:
-            accepting = server
-
-            def accepting_check() -> tuple[bool, str]:
-                down = accepting.shutting_down
-                return not down, "shutting down" if down else "accepting streams"
-
-            ops_server.checks["accepting"] = accepting_check
-    if config.gadgetron_port is not None:
-        listener = GadgetronListener(config, sinks=sinks, worker=worker)
-        host, port = listener.start()
-        print(f"recon-server: Gadgetron <connect> listener on {host}:{port}", flush=True)
-    recovery = None
+    endpoints += _start_listeners(config, outputs, worker, journal, ops_server)
+    server = next((e for e in endpoints if isinstance(e, StreamServer)), None)
     if journal is not None and server is not None:
         recovery = threading.Thread(
-            target=server.recover, args=(reconciled,), name="journal-recovery", daemon=True
+            target=server.recover, args=(outputs.reconciled,), name="journal-recovery", daemon=True
         )
         recovery.start()
     try:
@@ -299,13 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return _shutdown(
-        config,
-        worker=worker,
-        server=server,
-        listener=listener,
-        sender=sender,
-        loader=loader,
-        stop_ops=stop_ops,
+        config, worker=worker, endpoints=endpoints, sender=outputs.sender, loader=loader, stop_ops=stop_ops
     )
 
 
@@ -313,8 +336,7 @@ def _shutdown(
     config: ServiceConfig,
     *,
     worker: Any,
-    server: Any,
-    listener: Any,
+    endpoints: list[Any],
     sender: Any,
     loader: Any,
     stop_ops: Callable[[], None],
@@ -326,9 +348,13 @@ def _shutdown(
     exit aborted the process (``terminate called without an active exception``).
     """
     log.info("shutting down: no new connections; running scans get %.0f s", config.shutdown_grace_s)
-    if listener is not None:
-        listener.stop()
-    if server is not None:
+    from recon_server.service.server import StreamServer
+
+    servers = [e for e in endpoints if isinstance(e, StreamServer)]
+    for endpoint in endpoints:
+        if endpoint not in servers:
+            endpoint.stop()  # the Gadgetron listener: stop accepting
+    for server in servers:
         server.shutdown(config.shutdown_grace_s)
     if not worker.stop(config.shutdown_grace_s + 10.0):
         log.error("the reconstruction worker did not stop; exiting without it")

@@ -18,7 +18,7 @@ from recon_server.cli import options
 
 log = logging.getLogger(__name__)
 
-#: The names of ``recon_server.dpm.unet.MODEL_SIZES`` (that module imports torch; a unit test
+#: The names of ``recon_server.dpm.architecture.MODEL_SIZES`` (that module imports torch; a unit test
 #: keeps the two equal).
 MODEL_SIZE_NAMES = ("cpu", "cpu-res", "demo", "paper", "tiny", "tiny-res")
 

@@ -6,7 +6,8 @@ Per scan (fully sampled k-space ``y``, ``(slices, coils, ky, kx)``, readout over
    ``(ky - n + 1) // 2`` (fastMRI's rule; ``center_fraction`` 0.08 by default, R = 4).
 2. ESPIRiT maps ``S`` from that block (:func:`recon_server.recon.coils.espirit_maps`).
 3. Image ``x = S^H F^H y`` (sum over coils of ``conj(S_c) ifft2c(y_c)``).
-4. Scale convention (:func:`slice_scale`, shared with the reconstruction): divide each slice by
+4. Scale convention (:func:`recon_server.recon.scale.slice_scale`, shared with the reconstruction):
+   divide each slice by
    the 99th percentile of ``|S^H F^H y_acs|``, the coil-combined image of the ACS rows alone
    (zero elsewhere). The reconstruction applies the same function to its own ACS data.
 5. Centre crop / zero pad in image space to ``size x size``.
@@ -40,47 +41,12 @@ from recon_server.data.contrast import CONTRASTS
 from recon_server.mrd.ismrmrd_io import read_raw
 from recon_server.recon.coils import calibration_region, espirit_maps
 from recon_server.recon.fft import ifft2c
+from recon_server.recon.scale import DEFAULT_CENTER_FRACTION, SCALE_QUANTILE, centre_acs, slice_scale
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("simulated", "fastmri", "ismrmrd")
-SCALE_QUANTILE = 0.99
-DEFAULT_CENTER_FRACTION = 0.08
 INDEX_VERSION = 1
-
-
-def centre_acs(ky: int, center_fraction: float = DEFAULT_CENTER_FRACTION) -> tuple[int, int]:
-    """fastMRI's fully sampled centre ``(start, stop)`` for ``ky`` lines."""
-    if not 0 < center_fraction <= 1:
-        raise ValueError(f"center_fraction must be in (0, 1], got {center_fraction}")
-    n = max(1, round(ky * center_fraction))
-    start = (ky - n + 1) // 2
-    return start, start + n
-
-
-def slice_scale(
-    calibration: Tensor, maps: Tensor, *, acs: tuple[int, int], quantile: float = SCALE_QUANTILE
-) -> Tensor:
-    """The project's one intensity scale per slice, ``(slices,)`` float32.
-
-    ``calibration``: complex ``(slices, coils, acs_rows, kx)`` ACS k-space rows ``acs[0]:acs[1]``
-    of a ``(ky, kx)`` grid; ``maps``: ``(slices, coils, ky, kx)`` coil maps. Returns
-    ``quantile_r |sum_c conj(S_c(r)) (F^H Z y_acs)_c(r)|`` (``Z`` zero-fills the other rows),
-    clamped away from zero. Divide images by it before the network, multiply after.
-    """
-    if calibration.ndim != 4 or maps.ndim != 4:
-        raise ValueError(
-            f"calibration and maps must be 4-D, got {tuple(calibration.shape)}, {tuple(maps.shape)}"
-        )
-    s, c, rows, kx = calibration.shape
-    ky = maps.shape[-2]
-    if acs[1] - acs[0] != rows or maps.shape[:2] != (s, c) or maps.shape[-1] != kx:
-        calib_shape, maps_shape = tuple(calibration.shape), tuple(maps.shape)
-        raise ValueError(f"calibration {calib_shape} with ACS rows {acs} does not match maps {maps_shape}")
-    full = torch.zeros((s, c, ky, kx), dtype=torch.complex64, device=calibration.device)
-    full[:, :, acs[0] : acs[1], :] = calibration.to(torch.complex64)
-    low = (maps.conj().to(torch.complex64) * ifft2c(full)).sum(dim=1).abs()
-    return torch.quantile(low.reshape(s, -1), quantile, dim=1).clamp_min(1e-20).to(torch.float32)
 
 
 def combine(
@@ -147,7 +113,7 @@ def _ismrmrd_scans(path: Path, subject: str, contrast: str | None) -> Iterator[S
 
 
 def _fastmri_scan(path: Path, contrast: str | None) -> ScanInput:
-    from recon_server.mrd.assemble import parse_header
+    from recon_server.mrd.encoding import parse_header
     from recon_server.mrd.oversampling import remove_readout_oversampling
 
     scan = fastmri.read_fastmri(path)

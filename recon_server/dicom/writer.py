@@ -14,11 +14,8 @@ Geometry (ISMRMRD ``position`` is the slice centre, DICOM wants the first voxel 
 Pixels: ``stored = round(magnitude * s)`` with ``s = max_stored / max(magnitude)`` (16-bit
 unsigned); the window of the volume is multiplied by the same ``s``.
 
-UIDs are deterministic (:func:`make_uid`): the series UID hashes study, measurement, series
-index and method/model (and the raw stream's digest when the header lacks a study UID or a
-measurement ID); each SOPInstanceUID also hashes the stored pixel bytes, so a re-run or replay
-gives the same UIDs, changed pixels give new ones, and two different scans never share one.
-SeriesNumber = scanner series x 100000 + method slot x 10000 + series index (:func:`series_number`).
+UIDs and SeriesNumber: :mod:`recon_server.dicom.identity` (each SOPInstanceUID also hashes the
+stored pixel bytes); attribute values within their VR's limits: :mod:`recon_server.dicom.values`.
 """
 
 from __future__ import annotations
@@ -27,11 +24,7 @@ import hashlib
 import logging
 import math
 import os
-import re
 import tempfile
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -39,11 +32,21 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
-from pydicom.valuerep import format_number_as_ds
 
 from recon_server import __version__
-from recon_server.dicom.config import UUID_UID_ROOT, validate_uid_root
+from recon_server.dicom.config import UUID_UID_ROOT
 from recon_server.dicom.geometry import plane_geometry, slice_spacing
+from recon_server.dicom.identity import SeriesIdentity, make_uid, series_identity
+from recon_server.dicom.values import (
+    CHARACTER_SET,
+    clean_text,
+    code_string,
+    decimal_string,
+    decimal_strings,
+    fit_bytes,
+    nbytes,
+    person_name,
+)
 from recon_server.scan import ImageVolume
 from recon_server.scan_header import ScanHeader
 
@@ -78,90 +81,6 @@ _UNPAIRED_BODY_PARTS = frozenset(
         "HEADNECK",
     }
 )
-
-
-def make_uid(root: str, *parts: object) -> str:
-    """Deterministic UID from a hash of ``parts`` under ``root``.
-
-    ``2.25.`` root: the SHA-256 digest becomes a name-based UUID (RFC 4122 version 5 bits set)
-    written as a decimal integer (ITU-T X.667). Any other root: the digest as a decimal
-    integer cut to the digits left within 64 characters.
-    """
-    validate_uid_root(root)
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    if root == UUID_UID_ROOT:
-        return root + str(uuid.UUID(bytes=digest[:16], version=5).int)
-    digits = 64 - len(root)
-    return root + str(int.from_bytes(digest, "big") % 10**digits or 1)
-
-
-# ---- text sanitising (VR limits) --------------------------------------------------------
-
-#: The datasets' SpecificCharacterSet and its Python codec: VR length limits count bytes in it.
-CHARACTER_SET, ENCODING = "ISO_IR 192", "utf-8"
-#: Bidirectional controls: they reorder what a viewer displays (a name or description could be
-#: shown as something else); removed from every string written.
-BIDI_CONTROLS = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
-
-
-def _nbytes(text: str) -> int:
-    return len(text.encode(ENCODING))
-
-
-def _fit(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` bytes in :data:`ENCODING`, at a character boundary."""
-    raw = text.encode(ENCODING)
-    if len(raw) <= limit:
-        return text
-    return raw[:limit].decode(ENCODING, errors="ignore")  # drops only the cut character's bytes
-
-
-def _text(value: object, limit: int, what: str) -> str:
-    """LO/SH/CS text: no backslash, control or bidi characters, at most ``limit`` bytes in the
-    dataset's character set (ISO_IR 192: UTF-8), never cut inside a character."""
-    if value is None:
-        return ""
-    text = BIDI_CONTROLS.sub("", _CONTROLS.sub(" ", str(value))).strip()
-    if _nbytes(text) > limit:
-        log.warning("%s truncated to %d bytes: %r", what, limit, text)
-        text = _fit(text, limit).rstrip()
-    return text
-
-
-def _person_name(value: str | None, what: str) -> str:
-    """PN: at most 5 ``^`` components and 64 characters; the longest components are shortened.
-
-    Keeping the carets keeps family and given names apart (dciodvfy flags a caret-less long
-    name as the retired PN form).
-    """
-    if not value:
-        return ""
-    text = BIDI_CONTROLS.sub("", re.sub(r"[\x00-\x1f\x7f-\x9f\\=]", " ", value)).strip()
-    parts = [p.strip() for p in text.split("^")][:5]
-    while _nbytes("^".join(parts)) > 64:  # 64 bytes in the character set, as for _text
-        longest = max(range(len(parts)), key=lambda k: _nbytes(parts[k]))
-        excess = _nbytes("^".join(parts)) - 64
-        parts[longest] = _fit(parts[longest], max(0, _nbytes(parts[longest]) - excess)).rstrip()
-        if not parts[longest] and _nbytes("^".join(parts)) > 64:
-            parts.pop(longest)  # pathological: many short components
-    name = "^".join(parts).rstrip("^")
-    if name != text:
-        log.warning("%s sanitised to DICOM PN limits: %r -> %r", what, text, name)
-    return name
-
-
-def _code_string(value: str) -> str:
-    """CS: upper case letters, digits, space and underscore, at most 16 characters."""
-    return re.sub(r"[^A-Z0-9 _]", "_", value.upper())[:16].strip()
-
-
-def _ds(value: float) -> str:
-    return format_number_as_ds(float(value))
-
-
-def _ds_list(values: Sequence[float] | np.ndarray) -> list[str]:
-    return [_ds(v) for v in values]
 
 
 # ---- pixels ------------------------------------------------------------------------------
@@ -205,18 +124,18 @@ def is_ai_recon(volume: ImageVolume) -> bool:
 
 def dicom_series_description(volume: ImageVolume) -> str:
     """SeriesDescription with the reconstruction mark, e.g. ``"FLAIR [AI recon: dps]"`` (LO 64)."""
-    method = _text(volume.provenance.method, 20, "method") or "unknown"
+    method = clean_text(volume.provenance.method, 20, "method") or "unknown"
     suffix = f" [AI recon: {method}]" if is_ai_recon(volume) else f" [recon: {method}]"
-    base = _text(volume.series_description, 64, "series description")
+    base = clean_text(volume.series_description, 64, "series description")
     if base.endswith(suffix):
         base = base[: -len(suffix)]
-    room = 64 - _nbytes(suffix)  # LO: 64 bytes in ISO_IR 192
+    room = 64 - nbytes(suffix)  # LO: 64 bytes in ISO_IR 192
     cut = base.rfind(" (fallback")
-    if _nbytes(base) > room and cut > 0 and volume.provenance.settings.get("fallback_from"):
+    if nbytes(base) > room and cut > 0 and volume.provenance.settings.get("fallback_from"):
         # shorten the protocol name, not the pipeline's fallback suffix
         head, tail = base[:cut], base[cut:]
-        base = _fit(head, max(1, room - _nbytes(tail))).rstrip() + tail
-    return _fit(base, room).rstrip() + suffix
+        base = fit_bytes(head, max(1, room - nbytes(tail))).rstrip() + tail
+    return fit_bytes(base, room).rstrip() + suffix
 
 
 def fallback_note(volume: ImageVolume) -> str:
@@ -226,16 +145,16 @@ def fallback_note(volume: ImageVolume) -> str:
     configured = settings.get("fallback_from")
     if not configured:
         return ""
-    reason = _text(settings.get("fallback_reason") or "no reason given", 512, "fallback reason")
-    configured_text = _text(configured, 64, "fallback method")
+    reason = clean_text(settings.get("fallback_reason") or "no reason given", 512, "fallback reason")
+    configured_text = clean_text(configured, 64, "fallback method")
     return f"FALLBACK: {configured_text} failed ({reason}); reconstructed with {volume.provenance.method}"
 
 
 def _image_type(volume: ImageVolume) -> list[str]:
-    values = [_code_string(v) for v in volume.image_type] or ["ORIGINAL", "PRIMARY"]
+    values = [code_string(v) for v in volume.image_type] or ["ORIGINAL", "PRIMARY"]
     while len(values) < 4:
         values.append(["ORIGINAL", "PRIMARY", "OTHER", "M"][len(values)])
-    mark = _code_string(("AI_" if is_ai_recon(volume) else "") + volume.provenance.method)
+    mark = code_string(("AI_" if is_ai_recon(volume) else "") + volume.provenance.method)
     if mark and mark not in values:
         values.append(mark)
     if fallback_note(volume) and FALLBACK_IMAGE_TYPE not in values:
@@ -277,103 +196,6 @@ def scanning_sequence(header: ScanHeader) -> tuple[list[str], list[str], str]:
         variants.append("MP")
     acquisition = "3D" if header.matrix_z > 1 else "2D"
     return scanning, variants or ["NONE"], acquisition
-
-
-@dataclass(frozen=True)
-class SeriesIdentity:
-    """UIDs and number of the new series (and whether identifiers came from the header)."""
-
-    study_uid: str
-    series_uid: str
-    frame_of_reference_uid: str
-    series_number: int
-    study_uid_generated: bool
-    patient_id_missing: bool
-
-
-#: SeriesNumber digit of each registered method (docs/dicom.md, "UIDs and series number");
-#: other names get 7, 8 or 9 from a hash of the name.
-METHOD_SLOTS = {"zero-filled": 1, "cg-sense": 2, "l1-wavelet": 3, "dps": 4, "dps-fast": 5, "dps-warm": 6}
-#: Largest scanner series number used as the prefix (keeps every number within IS/int32).
-MAX_SCANNER_SERIES = 21473
-SCANNER_SERIES_FACTOR = 100_000
-METHOD_SLOT_FACTOR = 10_000
-
-
-def method_slot(method: str) -> int:
-    """The SeriesNumber digit of ``method`` (1-6 for the registered methods, else 7-9)."""
-    slot = METHOD_SLOTS.get(method)
-    if slot is None:
-        slot = 7 + hashlib.sha256(method.encode()).digest()[0] % 3
-    return slot
-
-
-def series_number(scanner_series: int, method: str, series_index: int) -> int:
-    """``P * 100000 + M * 10000 + S``: P the scanner's series number (0 when absent), M the
-    method slot, S the series index modulo 10000.
-
-    Every result is >= 10000 and, with a scanner number, >= 100000, so it is above the
-    scanner's own (small) series numbers; two methods on one scan differ in M; the SD map
-    (series index + 500) stays next to its image series. At most 2147399999 (IS, int32).
-    """
-    prefix = scanner_series if scanner_series > 0 else 0
-    if prefix > MAX_SCANNER_SERIES:
-        folded = 1 + (prefix - 1) % MAX_SCANNER_SERIES
-        log.warning(
-            "scanner series number %d too large for the SeriesNumber prefix: using %d", prefix, folded
-        )
-        prefix = folded
-    return prefix * SCANNER_SERIES_FACTOR + method_slot(method) * METHOD_SLOT_FACTOR + series_index % 10_000
-
-
-def series_identity(volume: ImageVolume, header: ScanHeader, uid_root: str) -> SeriesIdentity:
-    """Deterministic identity of the new series (docs/dicom.md, UID scheme).
-
-    When the header lacks a StudyInstanceUID or a measurement ID, ``volume.raw_digest`` (the
-    raw stream's identity) goes into the hashes, so two different scans never share a study,
-    series or SOP instance UID while a replay of the same raw data keeps its UIDs.
-    """
-    measurement = volume.measurement_id or header.measurement_id
-    prov = volume.provenance
-    digest = volume.raw_digest
-    anonymous = not (header.study_uid and measurement)
-    if anonymous and not digest:
-        log.warning(
-            "header without %s and volume without raw_digest: UIDs cannot tell this scan from "
-            "another one with the same header fields",
-            "StudyInstanceUID" if not header.study_uid else "measurement ID",
-        )
-    # hashed only when present, so identities from before raw_digest existed stay the same
-    raw_part = (f"raw:{digest}",) if anonymous and digest else ()
-    study_uid = header.study_uid
-    generated = not study_uid
-    if generated:
-        study_uid = make_uid(
-            uid_root,
-            "study",
-            header.patient_id,
-            header.study_date,
-            header.study_time,
-            measurement,
-            header.frame_of_reference_uid,
-            *raw_part,
-        )
-    frame = header.frame_of_reference_uid or make_uid(uid_root, "frame", study_uid, measurement)
-    series_uid = make_uid(
-        uid_root,
-        "series",
-        study_uid,
-        measurement,
-        volume.series_index,
-        prov.method,
-        prov.model_name,
-        prov.model_version,
-        *raw_part,
-        # a fallback is its own series (its description says so), not the deliberate method's
-        *((f"fallback:{prov.settings['fallback_from']}",) if prov.settings.get("fallback_from") else ()),
-    )
-    number = series_number(header.series_number, prov.method, volume.series_index)
-    return SeriesIdentity(study_uid, series_uid, frame, number, generated, not header.patient_id)
 
 
 def build_series(
@@ -419,23 +241,23 @@ def build_series(
             ident.series_uid,
             index + 1,
             pixel_hash,
-            _ds_list(plane.position),
-            _ds_list(plane.orientation),
+            decimal_strings(plane.position),
+            decimal_strings(plane.orientation),
         )
         ds = Dataset()
         ds.update(base)
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = _ds_list(plane.position)
-        ds.ImageOrientationPatient = _ds_list(plane.orientation)
-        ds.PixelSpacing = _ds_list(plane.pixel_spacing)
-        ds.SliceThickness = _ds(plane.slice_thickness or spacing or plane.pixel_spacing[0])
-        ds.SliceLocation = _ds(plane.slice_location)
+        ds.ImagePositionPatient = decimal_strings(plane.position)
+        ds.ImageOrientationPatient = decimal_strings(plane.orientation)
+        ds.PixelSpacing = decimal_strings(plane.pixel_spacing)
+        ds.SliceThickness = decimal_string(plane.slice_thickness or spacing or plane.pixel_spacing[0])
+        ds.SliceLocation = decimal_string(plane.slice_location)
         if spacing is not None:
-            ds.SpacingBetweenSlices = _ds(spacing)
+            ds.SpacingBetweenSlices = decimal_string(spacing)
         ds.Rows, ds.Columns = rows, cols
-        ds.WindowCenter = _ds(center)
-        ds.WindowWidth = _ds(width)
+        ds.WindowCenter = decimal_string(center)
+        ds.WindowWidth = decimal_string(width)
         ds.PixelData = pixels.tobytes()
         ds.file_meta = _file_meta(sop_uid)
         datasets.append(ds)
@@ -458,19 +280,19 @@ def _series_base(
     ds.InstanceCreationDate = when.strftime("%Y%m%d")
     ds.InstanceCreationTime = when.strftime("%H%M%S")
     # Patient
-    ds.PatientName = _person_name(header.patient_name, "PatientName")
-    ds.PatientID = _text(header.patient_id, 64, "PatientID")
+    ds.PatientName = person_name(header.patient_name, "PatientName")
+    ds.PatientID = clean_text(header.patient_id, 64, "PatientID")
     ds.PatientBirthDate = header.birth_date
     ds.PatientSex = header.sex
     # General Study
     ds.StudyInstanceUID = ident.study_uid
     ds.StudyDate = header.study_date
     ds.StudyTime = header.study_time
-    ds.ReferringPhysicianName = _person_name(header.referring_physician, "ReferringPhysicianName")
-    ds.StudyID = _text(header.study_id, 16, "StudyID")
-    ds.AccessionNumber = _text(header.accession_number, 16, "AccessionNumber")
+    ds.ReferringPhysicianName = person_name(header.referring_physician, "ReferringPhysicianName")
+    ds.StudyID = clean_text(header.study_id, 16, "StudyID")
+    ds.AccessionNumber = clean_text(header.accession_number, 16, "AccessionNumber")
     if header.study_description:
-        ds.StudyDescription = _text(header.study_description, 64, "StudyDescription")
+        ds.StudyDescription = clean_text(header.study_description, 64, "StudyDescription")
     # General Series
     ds.Modality = "MR"
     ds.SeriesInstanceUID = ident.series_uid
@@ -479,9 +301,9 @@ def _series_base(
     ds.SeriesTime = header.series_time or header.study_time
     ds.SeriesDescription = dicom_series_description(volume)
     if header.protocol_name:
-        ds.ProtocolName = _text(header.protocol_name, 64, "ProtocolName")
+        ds.ProtocolName = clean_text(header.protocol_name, 64, "ProtocolName")
     ds.PatientPosition = header.patient_position
-    body_part = _code_string(header.body_part)
+    body_part = code_string(header.body_part)
     if body_part:
         ds.BodyPartExamined = body_part
     if body_part not in _UNPAIRED_BODY_PARTS:
@@ -492,21 +314,38 @@ def _series_base(
     ds.FrameOfReferenceUID = ident.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     # General Equipment: this software made the pixels; the scanner is a contributing item
-    ds.Manufacturer = _text(manufacturer, 64, "Manufacturer")
-    ds.ManufacturerModelName = _text(prov.model_name or prov.method, 64, "ManufacturerModelName")
-    ds.SoftwareVersions = [_text(v, 64, "SoftwareVersions") for v in _software_versions(volume)]
+    ds.Manufacturer = clean_text(manufacturer, 64, "Manufacturer")
+    ds.ManufacturerModelName = clean_text(prov.model_name or prov.method, 64, "ManufacturerModelName")
+    ds.SoftwareVersions = [clean_text(v, 64, "SoftwareVersions") for v in _software_versions(volume)]
     if header.institution:
-        ds.InstitutionName = _text(header.institution, 64, "InstitutionName")
+        ds.InstitutionName = clean_text(header.institution, 64, "InstitutionName")
     if header.station:
-        ds.StationName = _text(header.station, 16, "StationName")
-    # General Image
+        ds.StationName = clean_text(header.station, 16, "StationName")
+    _add_general_image(ds, volume, header, ident, when)
+    # Image Pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    _add_mr_image(ds, header, spacing)
+    # SOP Common
+    ds.ContributingEquipmentSequence = DicomSequence(_contributing(volume, header, manufacturer, when))
+    return ds
+
+
+def _add_general_image(
+    ds: Dataset, volume: ImageVolume, header: ScanHeader, ident: SeriesIdentity, when: datetime
+) -> None:
+    """General Image: type, dates, and how the pixels were made (with the research notes)."""
     ds.ImageType = _image_type(volume)
     ds.ContentDate = when.strftime("%Y%m%d")
     ds.ContentTime = when.strftime("%H%M%S")
     ds.AcquisitionDate = header.series_date or header.study_date
     ds.AcquisitionTime = header.series_time or header.study_time
     ds.AcquisitionNumber = 1
-    ds.DerivationDescription = _fit(_derivation(volume), 1024)  # ST: 1024 bytes
+    ds.DerivationDescription = fit_bytes(_derivation(volume), 1024)  # ST: 1024 bytes
     comments = [_derivation(volume)]
     fallback = fallback_note(volume)
     if fallback:
@@ -515,39 +354,32 @@ def _series_base(
         comments.append(GENERATED_STUDY_UID_NOTE)
     if ident.patient_id_missing:
         comments.append(MISSING_PATIENT_ID_NOTE)
-    ds.ImageComments = _fit("; ".join(comments), 10240)  # LT: 10240 bytes
-    # Image Pixel
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    # MR Image
+    ds.ImageComments = fit_bytes("; ".join(comments), 10240)  # LT: 10240 bytes
+
+
+def _add_mr_image(ds: Dataset, header: ScanHeader, spacing: float | None) -> None:
+    """MR Image: sequence and timing from the header (empty where type 2 and unknown)."""
     scanning, variants, acquisition = scanning_sequence(header)
     ds.ScanningSequence = scanning
     ds.SequenceVariant = variants
     ds.ScanOptions = ""
     ds.MRAcquisitionType = acquisition
-    ds.RepetitionTime = _ds(header.tr) if header.tr is not None else ""
-    ds.EchoTime = _ds(header.te) if header.te is not None else ""
+    ds.RepetitionTime = decimal_string(header.tr) if header.tr is not None else ""
+    ds.EchoTime = decimal_string(header.te) if header.te is not None else ""
     ds.EchoTrainLength = header.echo_train_length if header.echo_train_length else ""
     if header.ti:
-        ds.InversionTime = _ds(header.ti)
+        ds.InversionTime = decimal_string(header.ti)
     if header.flip_angle is not None:
-        ds.FlipAngle = _ds(header.flip_angle)
+        ds.FlipAngle = decimal_string(header.flip_angle)
     if header.field_strength_t:
-        ds.MagneticFieldStrength = _ds(header.field_strength_t)
+        ds.MagneticFieldStrength = decimal_string(header.field_strength_t)
     if header.larmor_mhz:
-        ds.ImagingFrequency = _ds(header.larmor_mhz)
+        ds.ImagingFrequency = decimal_string(header.larmor_mhz)
     ds.ImagedNucleus = "1H"
     if header.sequence_name:
-        ds.SequenceName = _text(header.sequence_name, 16, "SequenceName")
+        ds.SequenceName = clean_text(header.sequence_name, 16, "SequenceName")
     if spacing is not None:
-        ds.SpacingBetweenSlices = _ds(spacing)
-    # SOP Common
-    ds.ContributingEquipmentSequence = DicomSequence(_contributing(volume, header, manufacturer, when))
-    return ds
+        ds.SpacingBetweenSlices = decimal_string(spacing)
 
 
 def _software_versions(volume: ImageVolume) -> list[str]:
@@ -580,24 +412,24 @@ def _contributing(
         scanner.PurposeOfReferenceCodeSequence = DicomSequence(
             [_code_item("109101", "DCM", "Acquisition Equipment")]
         )
-        scanner.Manufacturer = _text(header.vendor, 64, "scanner Manufacturer")
+        scanner.Manufacturer = clean_text(header.vendor, 64, "scanner Manufacturer")
         if header.model:
-            scanner.ManufacturerModelName = _text(header.model, 64, "scanner ManufacturerModelName")
+            scanner.ManufacturerModelName = clean_text(header.model, 64, "scanner ManufacturerModelName")
         if header.institution:
-            scanner.InstitutionName = _text(header.institution, 64, "InstitutionName")
+            scanner.InstitutionName = clean_text(header.institution, 64, "InstitutionName")
         if header.station:
-            scanner.StationName = _text(header.station, 16, "StationName")
+            scanner.StationName = clean_text(header.station, 16, "StationName")
         if header.serial_number:
-            scanner.DeviceSerialNumber = _text(header.serial_number, 64, "DeviceSerialNumber")
+            scanner.DeviceSerialNumber = clean_text(header.serial_number, 64, "DeviceSerialNumber")
         items.append(scanner)
     prov = volume.provenance
     proc = Dataset()
     proc.PurposeOfReferenceCodeSequence = DicomSequence([_code_item("109102", "DCM", "Processing Equipment")])
-    proc.Manufacturer = _text(manufacturer, 64, "Manufacturer")
-    proc.ManufacturerModelName = _text(prov.model_name or prov.method, 64, "ManufacturerModelName")
-    proc.SoftwareVersions = [_text(v, 64, "SoftwareVersions") for v in _software_versions(volume)]
+    proc.Manufacturer = clean_text(manufacturer, 64, "Manufacturer")
+    proc.ManufacturerModelName = clean_text(prov.model_name or prov.method, 64, "ManufacturerModelName")
+    proc.SoftwareVersions = [clean_text(v, 64, "SoftwareVersions") for v in _software_versions(volume)]
     proc.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
-    proc.ContributionDescription = _fit(_derivation(volume), 1024)
+    proc.ContributionDescription = fit_bytes(_derivation(volume), 1024)
     items.append(proc)
     return items
 
@@ -608,7 +440,7 @@ def _file_meta(sop_uid: str) -> FileMetaDataset:
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = _text(f"RECONSRV_{__version__}", 16, "ImplementationVersionName")
+    meta.ImplementationVersionName = clean_text(f"RECONSRV_{__version__}", 16, "ImplementationVersionName")
     return meta
 
 

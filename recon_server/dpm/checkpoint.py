@@ -8,7 +8,7 @@ Layout of a served checkpoint directory::
     DIR/model.safetensors.index.json            {"weight_map": {tensor name: shard file}}
 
 ``card.json`` keys: ``format_version``, ``name``, ``version``, ``architecture`` (the
-:class:`~recon_server.dpm.unet.UNetConfig` as a dict), ``num_parameters``, ``contrast_slots``
+:class:`~recon_server.dpm.architecture.UNetConfig` as a dict), ``num_parameters``, ``contrast_slots``
 (ordered names; slot ``i`` is one-hot entry ``i``), ``training`` (data description, subject
 counts, steps, epochs, learning rates and schedule, EMA, hardware, wall time, parent card),
 ``validation`` (denoising numbers), ``sampler_defaults`` (steps, sigma range, rho, and zeta per
@@ -39,8 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from recon_server.dpm.architecture import UNetConfig
 from recon_server.dpm.edm import DEFAULT_RHO, DEFAULT_SIGMA_MAX, DEFAULT_SIGMA_MIN
-from recon_server.dpm.unet import EDMDenoiser, UNetConfig, count_parameters
+from recon_server.dpm.unet import EDMDenoiser, count_parameters
 
 FORMAT_VERSION = 1
 CARD_FILE = "card.json"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from recon_server.dpm.unet import UNetConfig
+    from recon_server.dpm.architecture import UNetConfig
 
 
 def positional_embedding(x: torch.Tensor, channels: int, max_positions: float = 10000.0) -> torch.Tensor:

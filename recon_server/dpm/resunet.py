@@ -24,7 +24,7 @@ from torch import nn
 from recon_server.dpm.conditioning import ConditionedBackbone
 
 if TYPE_CHECKING:
-    from recon_server.dpm.unet import UNetConfig
+    from recon_server.dpm.architecture import UNetConfig
 
 INIT_ZERO_SCALE = 1e-5  # residual branches and the output start near zero: D(x) ~ c_skip x
 

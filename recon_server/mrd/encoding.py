@@ -141,8 +141,7 @@ class ScanLayout:
         channels = int(rc) if rc else None
         if channels is not None and not 1 <= channels <= limits.max_channels:
             raise ValueError(
-                f"the header's receiverChannels {channels} is outside 1..{limits.max_channels} "
-                "(max_channels)"
+                f"the header's receiverChannels {channels} is outside 1..{limits.max_channels} (max_channels)"
             )
         return cls(
             enc_nx=enc_nx,

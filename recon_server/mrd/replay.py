@@ -198,7 +198,7 @@ def stream_scan(
                 writer.send(wire.Acquisition(heads[i], raw.data[i], traj), flush=False)
             writer.send(wire.Close())
         except OSError as exc:
-            log.warning("sending stopped: %s", exc)
+            log.debug("sending stopped: %s", exc)  # reported once, with the replies
             result.errors.append(f"sending stopped: {exc}")
         result.bytes_sent = writer.bytes_written
         replies.join(timeout_s)

@@ -121,7 +121,10 @@ def finish_scan(key: tuple[int, int], store: ScanStore, stream: StreamFacts) -> 
 
 
 def _calibration(
-    kspace: np.ndarray, calib_only: np.ndarray | None, calib_only_rows: np.ndarray | None, acs: tuple[int, int]
+    kspace: np.ndarray,
+    calib_only: np.ndarray | None,
+    calib_only_rows: np.ndarray | None,
+    acs: tuple[int, int],
 ) -> np.ndarray:
     """The calibration rows: a view of k-space unless calibration-only lines must be merged in
     (a fully sampled scan would otherwise copy all of it)."""
@@ -171,7 +174,11 @@ def calibration_region(store: ScanStore) -> tuple[int, int]:
     try:
         if store.calibration_rows.any():
             # Calibration-only lines held apart: only the flagged rows (their own block).
-            rows = store.calibration_rows if store.calib_only is not None else store.calibration_rows | store.imaging
+            rows = (
+                store.calibration_rows
+                if store.calib_only is not None
+                else store.calibration_rows | store.imaging
+            )
             return acs_region(rows, min_lines=2)
         return acs_region(store.imaging, min_lines=4)
     except ValueError as exc:

@@ -4,9 +4,9 @@
 of a volume:
 
 1. Checks: at least one slice, finite k-space, an ACS block in the mask (``masks.acs_region``).
-2. Scale (the training rule, :func:`recon_server.data.slices.slice_scale`): the 99th percentile of
+2. Scale (the training rule, :func:`recon_server.recon.scale.slice_scale`): the 99th percentile of
    the coil-combined image of the ACS rows. When the scan's ACS block contains the training
-   block (``round(0.08 ky)`` central rows, ``data.slices.centre_acs``) exactly that block is used,
+   block (``round(0.08 ky)`` central rows, ``recon.scale.centre_acs``) exactly that block is used,
    so inference and training scale identically; a smaller ACS (e.g. R > 4 with the 0.04 fastMRI
    fraction) is used as it is. Without a fully sampled centre in the data (separate reference
    scans) the training block is zero-filled and divided by the fraction of its rows measured.
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CPU_BATCH = 4
 MEMORY_FRACTION = 0.8
-TRAINING_CENTER_FRACTION = 0.08  # data.slices.DEFAULT_CENTER_FRACTION, the training scale rule
+TRAINING_CENTER_FRACTION = 0.08  # recon.scale.DEFAULT_CENTER_FRACTION, the training scale rule
 WARM_STARTS = {"cg-sense": cg_sense, "l1-wavelet": l1_wavelet}
 
 __all__ = [
@@ -303,8 +303,8 @@ def _line_mask(mask: Tensor | np.ndarray) -> np.ndarray:
 
 def volume_scale(kspace: Tensor, maps: Tensor, mask: Tensor | np.ndarray) -> Tensor:
     """Per-slice scale ``(S,)`` by the training rule (module docstring, step 2)."""
-    from recon_server.data.slices import centre_acs, slice_scale
     from recon_server.recon.masks import acs_region
+    from recon_server.recon.scale import centre_acs, slice_scale
 
     lines = _line_mask(mask)
     if lines.shape[0] != kspace.shape[-2]:
@@ -402,34 +402,45 @@ def reconstruct_volume(
         return spec.run(denoise, op, y, item_generators(seed, batch), init, support, noise)
 
     if batch_size is None:
-        if dev.type == "cuda":
-            one = torch.tensor([0], device=dev)
-            per_item = _measure_item_bytes(
-                lambda: dataclasses.replace(spec, steps=1).run(
-                    denoise,
-                    operator(one),
-                    kspace[:1] / scale[:1, None, None, None],
-                    item_generators(seed, [(0, 0)]),
-                    None,
-                ),
-                dev,
-            )
-            free, _ = torch.cuda.mem_get_info(dev)
-            batch_size = choose_batch_size(free, per_item, items=len(items))
-        else:
-            batch_size = min(DEFAULT_CPU_BATCH, len(items))
+        one = torch.tensor([0], device=dev)
+
+        def one_step() -> object:  # one item, one step: the memory an item needs on the device
+            y = kspace[:1] / scale[:1, None, None, None]
+            fast = dataclasses.replace(spec, steps=1)
+            return fast.run(denoise, operator(one), y, item_generators(seed, [(0, 0)]), None)
+
+        batch_size = _auto_batch_size(one_step, dev, len(items))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images, residuals, nfe = _run_items(
         run, items, (samples, n_slices, *kspace.shape[-2:]), scale, batch_size, progress
     )
+    return _volume_result(
+        spec, images, residuals, nfe, seed=seed, batch_size=batch_size, device=dev, bf16=bf16, started=t_start
+    )
+
+
+def _volume_result(
+    spec: SamplerSpec,
+    images: Tensor,
+    residuals: Tensor,
+    nfe: int,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    started: float,
+) -> VolumeResult:
+    """Mean (and SD over the posterior samples) of ``images`` ``(samples, slices, ky, kx)``."""
+    samples = images.shape[0]
     settings = {
         **spec.describe(),
         "samples": samples,
         "seed": seed,
         "nfe_per_slice": nfe * samples,
         "batch_size": batch_size,
-        "device": str(dev),
+        "device": str(device),
         "amp_bf16": bf16,
         "residual_rel_mean": round(float(residuals.mean()), 5),
     }
@@ -439,11 +450,20 @@ def reconstruct_volume(
         nfe=nfe,
         samples=samples,
         batch_size=batch_size,
-        device=str(dev),
+        device=str(device),
         amp=bf16,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - started,
         settings=settings,
     )
+
+
+def _auto_batch_size(one_step: Callable[[], object], device: torch.device, items: int) -> int:
+    """Items per batch: from free GPU memory and one measured step on CUDA, else a fixed CPU batch."""
+    if device.type != "cuda":
+        return min(DEFAULT_CPU_BATCH, items)
+    per_item = _measure_item_bytes(one_step, device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return choose_batch_size(free, per_item, items=items)
 
 
 def _run_items(

@@ -36,7 +36,6 @@ from torch import Tensor
 from recon_server.recon.classic import cg_sense, l1_wavelet, zero_filled
 
 __all__ = [
-    "DEFAULT_FALLBACK_METHOD",
     "DEFAULT_MODEL_DIR",
     "FALLBACK_GAMMA",
     "FALLBACK_ZETA",
@@ -53,8 +52,6 @@ __all__ = [
 ]
 
 MODEL_DIR_ENV = "RECON_SERVER_MODEL_DIR"
-#: What reconstructs a scan whose method failed, unless the configuration says otherwise.
-DEFAULT_FALLBACK_METHOD = "cg-sense"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "flair-stroke-demo"
 # Documented fallbacks while a card's entries are placeholders ("tuned": false): the reference's
 # zeta ~ 1 for DPS (normalised gradient step) and a CG proximity weight of 0.05 for DDS (data

@@ -343,17 +343,23 @@ def _reconstruct_all(
             diffusion=diffusion,
             progress=_progress_fn(scan, method, progress),
         )
-    t3 = time.perf_counter()
+    settings["seconds_method"] = round(time.perf_counter() - t2, 3)
+    settings["seconds_prewhiten"] = round(t1 - t0, 3)
+    settings["seconds_coils"] = round(t2 - t1, 3)
+    return _volumes(scan, method, out, settings, started=t0)
+
+
+def _volumes(
+    scan: KSpaceScan, method: str, out: MethodOutput, settings: dict[str, object], *, started: float
+) -> list[ImageVolume]:
+    """The image volume (and SD map) from a method's output: magnitude scaled, window, provenance."""
     settings.update(out.settings)
     magnitude = out.image.abs().to(torch.float32).cpu().numpy()
     p99 = float(np.percentile(magnitude, 99.0)) if magnitude.size else 0.0
     scale = TARGET_P99 / p99 if p99 > 0 else 1.0
     magnitude = (magnitude * scale).astype(np.float32)
     settings["intensity_scale"] = scale
-    settings["seconds_prewhiten"] = round(t1 - t0, 3)
-    settings["seconds_coils"] = round(t2 - t1, 3)
-    settings["seconds_method"] = round(t3 - t2, 3)
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
+    settings["seconds"] = round(time.perf_counter() - started, 3)
     label = scan.header.protocol_name or scan.contrast or "MR"
     provenance = Provenance(
         method=method,

@@ -434,9 +434,7 @@ def tune_weights(
     for accel in accelerations:
         scores: dict[str, float] = {}
         for w in weights:
-            trial = replace(
-                settings, overrides={**base, method: {**base.get(method, {}), name: float(w)}}
-            )
+            trial = replace(settings, overrides={**base, method: {**base.get(method, {}), name: float(w)}})
             values = []
             for subject in loaded:
                 scan = undersample(subject.scan, accel)

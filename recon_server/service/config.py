@@ -23,16 +23,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recon_server.dicom.config import DicomConfig
 from recon_server.mrd.assemble import CALIBRATION_LINE_MODES
 from recon_server.mrd.wire import WireLimits
-from recon_server.recon.methods import DEFAULT_FALLBACK_METHOD, DiffusionSettings
+
+if TYPE_CHECKING:
+    from recon_server.recon.methods import DiffusionSettings
 
 DEFAULT_PORT = 9002
 # Posterior samples one scan may ask for (each costs a full diffusion reconstruction).
 MAX_POSTERIOR_SAMPLES = 32
 DEFAULT_HTTP_PORT = 9090
+#: What reconstructs a scan whose method failed, unless the configuration says otherwise.
+DEFAULT_FALLBACK_METHOD = "cg-sense"
 #: Methods a client may ask for unless ``allowed_client_methods`` says otherwise: every method
 #: but faithful ``dps`` (minutes per scan; opt-in). ``"*"`` in the field allows any method.
 DEFAULT_CLIENT_METHODS = ("zero-filled", "cg-sense", "l1-wavelet", "dps-fast", "dps-warm")
@@ -219,6 +224,8 @@ class ServiceConfig:
 
     def diffusion_settings(self) -> DiffusionSettings:
         """What the diffusion methods run with: this configuration's model and device."""
+        from recon_server.recon.methods import DiffusionSettings  # torch: not at import
+
         return DiffusionSettings(model_dir=self.model_dir, device=self.device)
 
     def method_for(self, contrast: str, override: str | None = None) -> str:

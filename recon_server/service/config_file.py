@@ -243,10 +243,20 @@ def parse_config(
 ) -> AppConfig:
     """Validate parsed TOML ``data`` and build an :class:`AppConfig` (see module docstring)."""
     loader = _Loader(source, base or Path.cwd())
-    env = os.environ if environ is None else environ
     for key in data:
         if key not in SECTIONS:
             raise loader.error(key, f"unknown section (known: {', '.join(SECTIONS)})")
+    service = _service(loader, data, known_methods)
+    dicom = _dicom(loader, data, os.environ if environ is None else environ) if "dicom" in data else None
+    ops = loader.fields(loader.table(data, "", "ops"), "ops.", OPS_FIELDS)
+    ops_fields = {k: f"ops.{k}" for k in OPS_FIELDS}
+    return AppConfig(
+        service=service, dicom=dicom, ops=loader.build("ops", OpsConfig, fields=ops_fields, **ops)
+    )
+
+
+def _service(loader: _Loader, data: Mapping[str, Any], known: Mapping[str, object] | None) -> ServiceConfig:
+    """``[server]`` + ``[recon]`` -> :class:`ServiceConfig`, method names checked against ``known``."""
     server_raw = loader.table(data, "", "server")
     server = loader.fields(server_raw, "server.", SERVER_FIELDS, tables=("limits",))
     limits = loader.fields(loader.table(server_raw, "server.", "limits"), "server.limits.", LIMIT_FIELDS)
@@ -262,9 +272,8 @@ def parse_config(
             raise loader.error(f"recon.time_limits.{method}", f"must be {exc}, got {seconds!r}") from None
     if time_limits:
         recon["time_limits"] = time_limits
-    methods_raw = loader.table(recon_raw, "recon.", "methods")
     methods = {}
-    for contrast, method in methods_raw.items():
+    for contrast, method in loader.table(recon_raw, "recon.", "methods").items():
         if not isinstance(method, str) or not method:
             raise loader.error(f"recon.methods.{contrast}", f"must be a method name, got {method!r}")
         methods[contrast.strip().upper()] = method
@@ -278,47 +287,46 @@ def parse_config(
     service: ServiceConfig = loader.build(
         "server", ServiceConfig, fields=field_names, **server, **recon, methods=methods
     )
-    if known_methods is not None:
-        named = [("recon.default_method", service.default_method)]
-        if service.fallback_method is not None:
-            named.append(("recon.fallback_method", service.fallback_method))
-        named += [(f"recon.methods.{contrast}", method) for contrast, method in methods.items()]
-        named += [(f"recon.time_limits.{method}", method) for method in service.time_limits]
-        named += [("recon.allowed_client_methods", m) for m in service.allowed_client_methods if m != "*"]
-        for where, method in named:
-            if method not in known_methods:
-                raise loader.error(
-                    where, f"unknown reconstruction method {method!r}; known: {sorted(known_methods)}"
-                )
+    if known is not None:
+        _check_method_names(loader, service, known)
     try:
-        service.check_model(known_methods)
+        service.check_model(known)
     except ValueError as exc:
         raise loader.error("recon.model_dir", str(exc)) from None
+    return service
 
-    dicom = None
-    if "dicom" in data:
-        dicom_raw = loader.table(data, "", "dicom")
-        values = loader.fields(dicom_raw, "dicom.", DICOM_FIELDS, tables=("retry", "destinations"))
-        if "output_dir" not in values:
-            raise loader.error("dicom.output_dir", "missing (required when [dicom] is present)")
-        values["output_dir"] = loader.path(values["output_dir"])
-        values["spool_dir"] = (
-            loader.path(values["spool_dir"]) if "spool_dir" in values else values["output_dir"] / "spool"
-        )
-        retry = loader.fields(loader.table(dicom_raw, "dicom.", "retry"), "dicom.retry.", RETRY_FIELDS)
-        values["retry"] = loader.build("dicom.retry", RetryPolicy, **retry)
-        dests_raw = dicom_raw.get("destinations", [])
-        if not isinstance(dests_raw, list):
-            raise loader.error("dicom.destinations", "must be an array of tables ([[dicom.destinations]])")
-        values["destinations"] = tuple(_destination(loader, i, d, env) for i, d in enumerate(dests_raw))
-        dicom_fields = {k: f"dicom.{k}" for k in DICOM_FIELDS}
-        dicom = loader.build("dicom", DicomConfig, fields=dicom_fields, **values)
 
-    ops = loader.fields(loader.table(data, "", "ops"), "ops.", OPS_FIELDS)
-    ops_fields = {k: f"ops.{k}" for k in OPS_FIELDS}
-    return AppConfig(
-        service=service, dicom=dicom, ops=loader.build("ops", OpsConfig, fields=ops_fields, **ops)
+def _check_method_names(loader: _Loader, service: ServiceConfig, known: Mapping[str, object]) -> None:
+    named = [("recon.default_method", service.default_method)]
+    if service.fallback_method is not None:
+        named.append(("recon.fallback_method", service.fallback_method))
+    named += [(f"recon.methods.{contrast}", method) for contrast, method in service.methods.items()]
+    named += [(f"recon.time_limits.{method}", method) for method in service.time_limits]
+    named += [("recon.allowed_client_methods", m) for m in service.allowed_client_methods if m != "*"]
+    for where, method in named:
+        if method not in known:
+            raise loader.error(where, f"unknown reconstruction method {method!r}; known: {sorted(known)}")
+
+
+def _dicom(loader: _Loader, data: Mapping[str, Any], environ: Mapping[str, str]) -> DicomConfig:
+    """``[dicom]`` (with ``[dicom.retry]`` and ``[[dicom.destinations]]``) -> :class:`DicomConfig`."""
+    dicom_raw = loader.table(data, "", "dicom")
+    values = loader.fields(dicom_raw, "dicom.", DICOM_FIELDS, tables=("retry", "destinations"))
+    if "output_dir" not in values:
+        raise loader.error("dicom.output_dir", "missing (required when [dicom] is present)")
+    values["output_dir"] = loader.path(values["output_dir"])
+    values["spool_dir"] = (
+        loader.path(values["spool_dir"]) if "spool_dir" in values else values["output_dir"] / "spool"
     )
+    retry = loader.fields(loader.table(dicom_raw, "dicom.", "retry"), "dicom.retry.", RETRY_FIELDS)
+    values["retry"] = loader.build("dicom.retry", RetryPolicy, **retry)
+    dests_raw = dicom_raw.get("destinations", [])
+    if not isinstance(dests_raw, list):
+        raise loader.error("dicom.destinations", "must be an array of tables ([[dicom.destinations]])")
+    values["destinations"] = tuple(_destination(loader, i, d, environ) for i, d in enumerate(dests_raw))
+    dicom_fields = {k: f"dicom.{k}" for k in DICOM_FIELDS}
+    dicom: DicomConfig = loader.build("dicom", DicomConfig, fields=dicom_fields, **values)
+    return dicom
 
 
 def load_config(

@@ -66,15 +66,22 @@ class Endpoint:
             self.bind()
         assert self._sock is not None and self.address is not None
         log.info("%s listening on %s:%d", self.title, self.address[0], self.address[1])
-        self._loop = listener.AcceptLoop.for_config(
+        self._loop = listener.AcceptLoop(
             self._sock,
             self.handle,
-            self.config,
             name=self.name,
             refusal=self.refusal,
+            max_connections=self.config.max_connections,
+            stream_deadline_s=self.config.stream_deadline_s,
+            allowed=listener.parse_networks(self.config.allowed_clients),
             thread_prefix=self.thread_prefix,
             stop=self._stop,
         )
+        return self._loop
+
+    @property
+    def accept_loop(self) -> listener.AcceptLoop | None:
+        """The loop once started (for ``/healthz``: :func:`recon_server.service.listener.liveness`)."""
         return self._loop
 
     def serve_forever(self) -> None:

@@ -34,14 +34,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
 from recon_server.ops.service_metrics import REGISTRY
-
-if TYPE_CHECKING:
-    from recon_server.service.config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +193,10 @@ class _Limited:
         log.log(level, message + suffix, *args)
 
 
-#: Started, not stopped accept loops of this process (what :func:`liveness` reports on).
-_LOOPS: dict[int, AcceptLoop] = {}
-_LOOPS_LOCK = threading.Lock()
-
-
-def liveness() -> tuple[bool, str]:
-    """``(ok, detail)`` for ``/healthz``: not ok once a started accept loop has died."""
-    with _LOOPS_LOCK:
-        loops = list(_LOOPS.values())
-    dead = [lp for lp in loops if not lp.alive]
+def liveness(loops: Iterable[AcceptLoop | None]) -> tuple[bool, str]:
+    """``(ok, detail)`` for ``/healthz``: not ok once one of the started accept loops has died."""
+    loops = [lp for lp in loops if lp is not None and (lp.alive or lp.died)]
+    dead = [lp for lp in loops if lp.died]
     if dead:
         return False, "; ".join(f"{lp.label}: accept loop died ({lp.error})" for lp in dead)
     return True, ", ".join(f"{lp.label}: {lp.active} connection(s)" for lp in loops) or "no listener"
@@ -249,6 +239,7 @@ class AcceptLoop:
         self._lock = threading.Lock()
         self._stop = stop if stop is not None else threading.Event()  # set: stop accepting
         self._running = False
+        self._died = False  # ended without stop(): /healthz reports it
         self._thread: threading.Thread | None = None
         self._burst = 0  # accept() errors since the last accepted connection
         self._burst_t0 = 0.0
@@ -263,36 +254,13 @@ class AcceptLoop:
         """True while the loop runs (or is about to): False once it died or was stopped."""
         return self._running
 
-    @classmethod
-    def for_config(
-        cls,
-        sock: socket.socket,
-        handler: Handler,
-        config: ServiceConfig,
-        *,
-        name: str,
-        refusal: Callable[[str], bytes],
-        thread_prefix: str,
-        stop: threading.Event | None = None,
-    ) -> AcceptLoop:
-        """A loop with the connection settings of ``config`` (``max_connections``,
-        ``stream_deadline_s``, ``allowed_clients``)."""
-        return cls(
-            sock,
-            handler,
-            name=name,
-            refusal=refusal,
-            max_connections=config.max_connections,
-            stream_deadline_s=config.stream_deadline_s,
-            allowed=parse_networks(config.allowed_clients),
-            thread_prefix=thread_prefix,
-            stop=stop,
-        )
+    @property
+    def died(self) -> bool:
+        """True once the loop ended without :meth:`stop` (an accept error it cannot survive)."""
+        return self._died
 
     def _register(self) -> None:
         self._running = True
-        with _LOOPS_LOCK:
-            _LOOPS[id(self)] = self
 
     def start(self) -> AcceptLoop:
         """Run :meth:`serve_forever` in a daemon thread."""
@@ -304,8 +272,6 @@ class AcceptLoop:
     def stop(self) -> None:
         """Stop accepting (connections being served go on) and close the listening socket."""
         self._stop.set()
-        with _LOOPS_LOCK:
-            _LOOPS.pop(id(self), None)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a waiting poll() at once
         except OSError:
@@ -341,10 +307,8 @@ class AcceptLoop:
             if self._reserve is not None:
                 os.close(self._reserve)
                 self._reserve = None
-            if self._stop.is_set():  # stopped on purpose: nothing for /healthz to report
-                with _LOOPS_LOCK:
-                    _LOOPS.pop(id(self), None)
-            else:
+            if not self._stop.is_set():  # stopped on purpose: nothing for /healthz to report
+                self._died = True
                 log.error(
                     "%s: the accept loop ended (%s); no new connections are served", self.label, self.error
                 )

@@ -20,10 +20,10 @@ from concurrent.futures import wait as futures_wait
 from typing import Protocol
 
 from recon_server.ops import service_metrics
-from recon_server.recon.methods import DEFAULT_FALLBACK_METHOD, DiffusionSettings
+from recon_server.recon.methods import DiffusionSettings
 from recon_server.recon.pipeline import Progress, ReconCancelled, reconstruct_all
 from recon_server.scan import ImageVolume, KSpaceScan
-from recon_server.service.config import ServiceConfig
+from recon_server.service.config import DEFAULT_FALLBACK_METHOD, ServiceConfig
 
 log = logging.getLogger(__name__)
 

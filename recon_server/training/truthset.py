@@ -3,7 +3,7 @@
 The prior is a denoiser: it learns best from clean targets. A slice here is the simulator's
 complex truth (anatomy, contrast, lesions, receive bias, smooth background phase; no coils and
 no thermal noise), normalised by the project's one intensity rule
-(:func:`recon_server.data.slices.slice_scale`: the 99th percentile of the image made from the
+(:func:`recon_server.recon.scale.slice_scale`: the 99th percentile of the image made from the
 central ``center_fraction`` of k-space), so its scale matches what the reconstruction divides a
 measured slice by. Written in the trainer's format
 (:func:`recon_server.training.trainset.write_npy_slice_set`).
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from recon_server.data.acquire import SimulationConfig, render_subject
-from recon_server.data.slices import DEFAULT_CENTER_FRACTION, centre_acs, slice_scale
+from recon_server.recon.scale import DEFAULT_CENTER_FRACTION, centre_acs, slice_scale
 from recon_server.recon.fft import fft2c
 from recon_server.training.trainset import write_npy_slice_set
 

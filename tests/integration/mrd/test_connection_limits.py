@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import socket
 import time
@@ -210,7 +211,7 @@ def test_accept_errors_are_survived_and_a_dead_loop_shows_on_healthz(make_server
     assert_serves(srv.address)
     for name, value in before.items():
         assert _metric(key % name) == value + 1, name
-    ops = OpsServer(port=0, liveness={"accept_loops": listener.liveness})
+    ops = OpsServer(port=0, liveness={"accept_loops": functools.partial(listener.liveness, [loop])})
     ops.start()
     try:
         assert _healthz(ops) == (200, "ok\n")
@@ -225,7 +226,7 @@ def test_accept_errors_are_survived_and_a_dead_loop_shows_on_healthz(make_server
         assert _metric('recon_server_accept_loop_up{listener="mrd"}') == 0
     finally:
         ops.stop()
-        loop.stop()  # out of the liveness registry: other tests see a healthy process
+        loop.stop()
 
 
 def rss_bytes() -> int:

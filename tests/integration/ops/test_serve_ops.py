@@ -82,9 +82,9 @@ def test_health_metrics_and_logs_during_replay(served, raw_with_id: Path, tmp_pa
     lines = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
     assert lines, "no JSON log lines"
     stream_lines = [
-        d for d in lines if d["logger"] == "recon_server.service.server" and "readouts" in d["message"]
+        d for d in lines if d["logger"] == "recon_server.service.stream" and "readouts" in d["message"]
     ]
     assert stream_lines and all(d["measurement_id"] == MEASUREMENT_ID for d in stream_lines)
     assert all(d["peer"] != "-" for d in stream_lines)
-    failed = [d for d in lines if "failed" in d["message"] and d["logger"] == "recon_server.service.server"]
+    failed = [d for d in lines if "failed" in d["message"] and d["logger"] == "recon_server.service.stream"]
     assert failed and failed[-1]["measurement_id"] == "-"  # the bad stream never sent a header

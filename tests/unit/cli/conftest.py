@@ -45,6 +45,12 @@ def image(index: int, value: float = 1.0) -> wire.Image:
     return wire.Image(head=head, meta_xml=meta, data=np.full((1, 1, 8, 8), value, dtype=np.float32))
 
 
+@pytest.fixture
+def make_image() -> Callable[..., wire.Image]:
+    """``make_image(index, value=1.0)``: an 8 x 8 float magnitude image of series 1."""
+    return image
+
+
 class FakeServer:
     """One connection on 127.0.0.1: reads the stream up to CLOSE, then sends ``reply`` and CLOSE.
 

@@ -61,7 +61,9 @@ def test_every_reader_of_raw_files_says_the_same(tmp_path: Path) -> None:
     with h5py.File(header_only, "w") as f:
         xml = f.create_dataset("dataset/xml", shape=(1,), dtype=h5py.vlen_dtype(bytes))
         xml[0] = b"<ismrmrdHeader/>"
-    with pytest.raises(ValueError, match=r"^not an ISMRMRD raw file: .*header-only\.h5 \(no /dataset/data\)$"):
+    with pytest.raises(
+        ValueError, match=r"^not an ISMRMRD raw file: .*header-only\.h5 \(no /dataset/data\)$"
+    ):
         ismrmrd_io.read_raw(header_only)
 
 

@@ -13,6 +13,7 @@ import torch
 from recon_server.cli.main import main as cli_main
 from recon_server.data import fastmri, slices
 from recon_server.mrd.ismrmrd_io import read_raw
+from recon_server.recon import scale as scale_rule
 from recon_server.recon.fft import fft2c
 
 CF = 0.25  # 16 ACS rows at 64: enough for the 6x6 ESPIRiT kernel
@@ -53,7 +54,7 @@ def test_slice_scale_is_the_99th_percentile_of_the_acs_image_and_scales_linearly
     maps = torch.ones((2, 1, 32, 32), dtype=torch.complex64)
     k = fft2c(image[:, None])
     acs = (12, 20)
-    scale = slices.slice_scale(k[:, :, 12:20], maps, acs=acs)
+    scale = scale_rule.slice_scale(k[:, :, 12:20], maps, acs=acs)
     low = torch.zeros_like(k)
     low[:, :, 12:20] = k[:, :, 12:20]
     expected = torch.quantile(
@@ -67,10 +68,10 @@ def test_slice_scale_is_the_99th_percentile_of_the_acs_image_and_scales_linearly
     )
     torch.testing.assert_close(scale, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(
-        slices.slice_scale(3 * k[:, :, 12:20], maps, acs=acs), 3 * scale, rtol=1e-5, atol=0
+        scale_rule.slice_scale(3 * k[:, :, 12:20], maps, acs=acs), 3 * scale, rtol=1e-5, atol=0
     )
     with pytest.raises(ValueError, match="does not match"):
-        slices.slice_scale(k[:, :, 12:20], maps, acs=(10, 20))
+        scale_rule.slice_scale(k[:, :, 12:20], maps, acs=(10, 20))
 
 
 def test_crop_or_pad_and_centre_acs() -> None:
@@ -79,7 +80,7 @@ def test_crop_or_pad_and_centre_acs() -> None:
     assert y.shape == (1, 4, 4) and torch.equal(y[0, :, :], x[0, 1:5, :])
     z = slices.crop_or_pad(x, 8)
     assert z.shape == (1, 8, 8) and torch.equal(z[0, 1:7, 2:6], x[0])
-    assert slices.centre_acs(320, 0.08) == (147, 173)  # fastMRI: 26 lines, DC line 160 inside
+    assert scale_rule.centre_acs(320, 0.08) == (147, 173)  # fastMRI: 26 lines, DC line 160 inside
 
 
 def test_split_is_subject_level_and_deterministic() -> None:

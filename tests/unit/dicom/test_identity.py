@@ -15,13 +15,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from recon_server.dicom.identity import METHOD_SLOTS, series_number
 from recon_server.dicom.writer import (
     FALLBACK_IMAGE_TYPE,
-    METHOD_SLOTS,
     build_series,
     dicom_series_description,
     fallback_note,
-    series_number,
     write_series,
 )
 from recon_server.mrd import ismrmrd_io

@@ -10,11 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
+from recon_server.dicom.identity import make_uid
 from recon_server.dicom.writer import (
     GENERATED_STUDY_UID_NOTE,
     MAX_STORED,
     build_series,
-    make_uid,
     scanning_sequence,
     write_atomic,
     write_series,

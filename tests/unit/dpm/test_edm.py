@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from recon_server.dpm.architecture import UNetConfig
 from recon_server.dpm.edm import EDMLoss, edm_sigmas, loss_weight, precond_coefficients
-from recon_server.dpm.unet import EDMDenoiser, UNetConfig
+from recon_server.dpm.unet import EDMDenoiser
 
 SD = 0.5
 

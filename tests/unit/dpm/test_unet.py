@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon_server.dpm.unet import MODEL_SIZES, EDMDenoiser, build_denoiser, count_parameters, model_config
+from recon_server.dpm.architecture import MODEL_SIZES, model_config
+from recon_server.dpm.unet import EDMDenoiser, build_denoiser, count_parameters
 
 SLOTS = ["T1", "T2", "T1POST"]
 

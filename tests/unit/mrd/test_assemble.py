@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from recon_server.mrd import ismrmrd_io, wire
-from recon_server.mrd.assemble import Assembler, assemble, contrast_label, parse_header
+from recon_server.mrd.assemble import Assembler, assemble
+from recon_server.mrd.encoding import contrast_label, parse_header
 from recon_server.mrd.oversampling import StreamingCropper, remove_readout_oversampling
 from recon_server.scan import KSpaceScan
 

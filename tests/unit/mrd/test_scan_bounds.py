@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from recon_server.mrd import wire
-from recon_server.mrd.assemble import INDEX_TOLERANCE, Assembler
+from recon_server.mrd.assemble import Assembler
+from recon_server.mrd.encoding import INDEX_TOLERANCE
 from recon_server.service import fuzz
 
 

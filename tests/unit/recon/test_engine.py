@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon_server.data.slices import centre_acs, slice_scale
+from recon_server.recon.scale import centre_acs, slice_scale
 from recon_server.dpm.unet import build_denoiser
 from recon_server.recon import engine
 from recon_server.recon.engine import SamplerSpec, reconstruct_volume, volume_scale
