@@ -184,9 +184,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``recon-server demo``: the stages of the module docstring; exit 0 when all passed."""
-    from recon_server.cli import main as cli
+    """``recon-server demo``: the stages of the module docstring; exit 0 when all passed.
+
+    ``args.run`` is ``recon-server``'s own entry (:func:`recon_server.cli.main.main`), which runs
+    the other subcommands."""
     from recon_server.recon.methods import DiffusionSettings
+
+    run = args.run
 
     out: Path = args.out
     if args.method is None:
@@ -197,7 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     t = _stage(f"1. simulate a 2x stroke FLAIR scan ({args.matrix}x{args.matrix}, {args.coils} coils)")
-    rc = cli.main(
+    rc = run(
         ["simulate", "--out", str(out / "scan"), "--subjects", "1", "--contrast", "FLAIR", "--lesions"]
         + ["--accel", "2", "--matrix", str(args.matrix), "--coils", str(args.coils)]
         + ["--slices", str(args.slices), "--seed", str(args.seed)]
@@ -214,7 +218,7 @@ def run_demo(args: argparse.Namespace) -> int:
     server, port = start_server(serve_args)
     try:
         t = _stage(f"3. stream {subject / 'raw.h5'} to 127.0.0.1:{port}")
-        rc = cli.main(["replay", str(subject / "raw.h5"), "--port", str(port), "--out", str(out / "replay")])
+        rc = run(["replay", str(subject / "raw.h5"), "--port", str(port), "--out", str(out / "replay")])
         timings["stream + reconstruct"] = time.perf_counter() - t
     finally:
         stop_server(server)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         module.register(subparsers)
     _use_formatter(parser)
+    # Commands that run other subcommands (``demo``) get this entry as ``args.run``.
+    parser.set_defaults(run=main)
     return parser
 
 

@@ -106,6 +106,7 @@ class ModelLoader:
     def _load(self) -> None:
         from recon_server.dpm.onnx import OnnxDenoiser, load_denoiser
         from recon_server.recon.engine import load_model
+
         s = self.app.service
         t0 = time.perf_counter()
         try:

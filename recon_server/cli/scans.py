@@ -70,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-progress", action="store_true", help="no send bar, no server progress lines on stderr"
     )
     p.set_defaults(func=cmd_replay)
+    _add_recon(subparsers, fmt)
 
+
+def _add_recon(subparsers: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     p = subparsers.add_parser(
         "recon", help="reconstruct an ISMRMRD raw file without a server", formatter_class=fmt
     )

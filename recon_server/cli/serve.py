@@ -84,6 +84,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="keep the raw data of scans that fail here (ISMRMRD .h5, replayable)",
     )
+    _add_connection_options(p)
+
+
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    """Connections, limits, model, health endpoint, logs and outputs of ``serve``."""
     p.add_argument(
         "--max-connections",
         type=options.positive_int,

@@ -1,6 +1,6 @@
 """Structured logs: every line carries the measurement id of the scan being handled.
 
-The connection handlers (``mrd.server``, ``mrd.gadget``) call :func:`set_measurement` once the
+The connection handlers (``service.server``, ``service.gadget``) call :func:`set_measurement` once the
 ISMRMRD header is parsed (and :func:`set_peer` when a connection starts); the value lives in a
 :class:`contextvars.ContextVar`, so each connection thread has its own. :class:`ContextFilter`,
 attached to the root handlers by :func:`configure_logging`, copies it onto every record as

@@ -253,11 +253,10 @@ class DiffusionMethod:
             cpu_precision=settings.cpu_precision,
             progress=progress,
         )
-        settings = {**result.settings, "weights_tuned": tuned}
         return MethodOutput(
             image=result.image.to(problem.kspace.device),
             std=None if result.std is None else result.std.to(problem.kspace.device),
-            settings=settings,
+            settings={**result.settings, "weights_tuned": tuned},
             model_name=str(getattr(card, "name", "") or type(denoiser).__name__),
             model_version=str(getattr(card, "version", "")),
         )

@@ -8,7 +8,7 @@ Protocol (per subject, per acceleration R):
 
 1. The fully sampled scan is assembled by the service's own assembler (readout oversampling
    removed, noise scan kept) and retrospectively undersampled with the fastMRI equispaced mask at R
-   (``data.masks.equispaced_mask``, centre fraction 0.08 for R <= 4 and 0.04 above but at least
+   (``recon.masks.equispaced_mask``, centre fraction 0.08 for R <= 4 and 0.04 above but at least
    :data:`MIN_ACS_LINES` lines, the first outer line at offset 0): k-space zeroed off the mask,
    ACS = the fully sampled centre block.
 2. Each method runs through ``pipeline.reconstruct_all`` (prewhitening, ESPIRiT, method), exactly as
@@ -316,11 +316,25 @@ def run_evaluation(
                 report(subject.name, accel, BART_METHOD)
             if index == 0:
                 montages[accel] = {"truth": subject.reference, **images}
+    return _write_outputs(out, data_dir, accelerations, list(methods), slices, bart, results, montages)
+
+
+def _write_outputs(
+    out: Path,
+    data_dir: str | Path,
+    accelerations: Sequence[int],
+    methods: list[str],
+    slices: int | None,
+    bart: bool,
+    results: list[MethodResult],
+    montages: dict[int, dict[str, np.ndarray]],
+) -> dict[str, object]:
+    """``results.json``, ``results.md`` and one montage per R in ``out``; returns the JSON document."""
     summary = summarise(results)
     doc: dict[str, object] = {
         "data": str(data_dir),
         "accelerations": list(accelerations),
-        "methods": list(methods) + ([BART_METHOD] if bart else []),
+        "methods": methods + ([BART_METHOD] if bart else []),
         "slices_per_subject": slices,
         "protocol": "reference.h5 retrospectively undersampled (fastMRI equispaced, offset 0); "
         "metrics on magnitude vs |truth| over the whole image, least-squares scale fit",

@@ -116,7 +116,7 @@ class ServiceConfig:
     image_dtype: str = "float32"  # or "uint16" for the ISMRMRD images sent back
     max_pending_scans: int = 8
     socket_timeout_s: float = 300.0
-    # Connections (mrd.listener), per listener: at most this many at once (one more is told
+    # Connections (service.listener), per listener: at most this many at once (one more is told
     # ERR and closed), this long to send a whole stream, only from these networks (empty: any).
     max_connections: int = 32
     stream_deadline_s: float = 3600.0
@@ -125,7 +125,7 @@ class ServiceConfig:
     backend: str = "torch"
     onnx_file: Path | None = None
     onnx_providers: tuple[str, ...] = ()
-    journal_dir: Path | None = None  # every scan's raw data until delivered (mrd.journal)
+    journal_dir: Path | None = None  # every scan's raw data until delivered (service.journal)
     shutdown_grace_s: float = 10.0  # SIGTERM: seconds running scans get to finish
     shutdown_drain_s: float = 10.0  # SIGTERM: seconds the DICOM spool is drained
     ready_queue_threshold: int = 4  # /readyz false with more scans waiting for the worker

@@ -195,11 +195,11 @@ class _Limited:
 
 def liveness(loops: Iterable[AcceptLoop | None]) -> tuple[bool, str]:
     """``(ok, detail)`` for ``/healthz``: not ok once one of the started accept loops has died."""
-    loops = [lp for lp in loops if lp is not None and (lp.alive or lp.died)]
-    dead = [lp for lp in loops if lp.died]
+    started = [lp for lp in loops if lp is not None and (lp.alive or lp.died)]
+    dead = [lp for lp in started if lp.died]
     if dead:
         return False, "; ".join(f"{lp.label}: accept loop died ({lp.error})" for lp in dead)
-    return True, ", ".join(f"{lp.label}: {lp.active} connection(s)" for lp in loops) or "no listener"
+    return True, ", ".join(f"{lp.label}: {lp.active} connection(s)" for lp in started) or "no listener"
 
 
 class AcceptLoop:

@@ -9,7 +9,8 @@ FIRE / OpenRecon clients. One stream, one scan session::
                                                               or FIRE's {"parameters": {...}})
                        ACQUISITION (1008) / WAVEFORM (1026, ignored) / RECON_DATA (1023) ...
                        CLOSE (4)
-    server -> client   IMAGE (1022) per slice, float32 or uint16 magnitude, meta XML
+    server -> client   TEXT (5) "PROGRESS <label> <method>: slice k/n, ..." while reconstructing
+                       IMAGE (1022) per slice, float32 or uint16 magnitude, meta XML
                        CLOSE (4)
 
 Client configuration conventions: :mod:`recon_server.mrd.client_config`. A configuration the
@@ -115,8 +116,8 @@ class StreamServer(Endpoint):
         """Write what arrived of a failed scan as an ISMRMRD raw file (if configured and any came).
 
         The name is ``<time>-<measurement id, sanitised and bounded>-<random token>.h5``
-        (``mrd.journal.safe_name_part``); the file is written under a hidden temporary name and
-        hard-linked to its name, so it never replaces another (``mrd.journal.move_unique``).
+        (``service.journal.safe_name_part``); the file is written under a hidden temporary name and
+        hard-linked to its name, so it never replaces another (``service.journal.move_unique``).
         """
         folder = self.config.failed_scans_dir
         if folder is None or not session.header_xml or not session.acquisitions:

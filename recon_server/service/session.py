@@ -52,7 +52,7 @@ class StreamSession:
     ) -> None:
         self.reader = reader
         self.journal = journal
-        self.entry: JournalEntry | None = None  # this stream's raw data on disk (mrd.journal)
+        self.entry: JournalEntry | None = None  # this stream's raw data on disk (service.journal)
         self.allowed_methods = allowed_methods  # what a client may ask for (None: any)
         self.peer = peer
         self.calibration_lines = calibration_lines

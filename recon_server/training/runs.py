@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recon_server.dpm.architecture import UNetConfig
 from recon_server.dpm.checkpoint import CheckpointError, load_checkpoint, read_training_meta
 from recon_server.dpm.unet import EDMDenoiser, build_denoiser, normalise_contrast
-from recon_server.dpm.architecture import UNetConfig
 from recon_server.training.config import TrainConfig, steps_for_epochs
 from recon_server.training.distributed import DistInfo, init_distributed
 from recon_server.training.schedule import LRSchedule

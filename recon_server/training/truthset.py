@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from recon_server.data.acquire import SimulationConfig, render_subject
-from recon_server.recon.scale import DEFAULT_CENTER_FRACTION, centre_acs, slice_scale
 from recon_server.recon.fft import fft2c
+from recon_server.recon.scale import DEFAULT_CENTER_FRACTION, centre_acs, slice_scale
 from recon_server.training.trainset import write_npy_slice_set
 
 log = logging.getLogger(__name__)

@@ -208,7 +208,7 @@ def test_no_calibration_at_all(
     server: StreamServer,
     truth: tuple[np.ndarray, np.ndarray],
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """No ACS lines and no fully sampled centre: root sum of squares, marked, instead of nothing."""
     path = corpus_files["no-calibration"]
@@ -225,9 +225,10 @@ def test_no_calibration_at_all(
         else:
             assert meta["Fallback"].startswith(f"{method} -> zero-filled: no-calibration:"), meta["Fallback"]
     assert cli.main(["recon", str(path), "--out", str(tmp_path / "zf"), "--method", "zero-filled"]) == 0
-    caplog.clear()
+    capsys.readouterr()
     assert cli.main(["recon", str(path), "--out", str(tmp_path / "cg"), "--method", "cg-sense"]) != 0
-    assert "no calibration data (no ACS lines and no fully sampled k-space centre)" in caplog.text
+    error = capsys.readouterr().err  # the one error line of the command
+    assert "recon-server recon: error: no calibration data (no ACS lines and no fully sampled" in error
 
 
 def test_pure_imaging_grid_is_a_service_setting(

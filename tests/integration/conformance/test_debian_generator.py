@@ -45,6 +45,7 @@ def test_generator_files_every_method_through_serve_and_recon(
     request: pytest.FixtureRequest,
     shepp_truth: Callable[[Path], tuple[np.ndarray, np.ndarray]],
     server: StreamServer,
+    recon_options: list[str],
     tmp_path: Path,
 ) -> None:
     path: Path = request.getfixturevalue(fixture)
@@ -71,7 +72,9 @@ def test_generator_files_every_method_through_serve_and_recon(
             _errors(served, phantom),
         )
         out = tmp_path / f"{fixture}-{method}"
+        # the server's diffusion settings (the shipped model, few steps) as recon options
         argv = ["recon", str(path), "--out", str(out), "--method", method, "--contrast", "FLAIR"]
+        argv += recon_options
         assert cli.main(argv) == 0
         recon = np.load(out / "images.npy")
         np.testing.assert_allclose(recon, served, rtol=1e-4, atol=1e-3 * float(served.max()))

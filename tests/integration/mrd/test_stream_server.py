@@ -189,12 +189,11 @@ def test_replay_cli_and_offline_recon(server: StreamServer, shepp_full: Path, tm
     out = tmp_path / "replay"
     cmd = [sys.executable, "-m", "recon_server.cli", "replay", str(shepp_full), "--host", host]
     done = subprocess.run(
-        [*cmd, "--port", str(port), "--out", str(out), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*cmd, "--port", str(port), "--out", str(out)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+    # The server's per-slice progress (TEXT "PROGRESS ...") reaches the replaying user.
+    assert "recon-server replay: server: MR zero-filled: slice 1/1, " in done.stderr, done.stderr
     served = np.load(out / "images.npy")
     assert served.shape == (1, 64, 64) and served.dtype == np.float32
     with ismrmrd.Dataset(str(out / "images.h5"), "dataset", create_if_needed=False) as dset:
@@ -205,7 +204,7 @@ def test_replay_cli_and_offline_recon(server: StreamServer, shepp_full: Path, tm
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 1 and "unknown reconstruction method 'nope'" in bad.stdout
+    assert bad.returncode == 1 and "unknown reconstruction method 'nope'" in bad.stderr
     offline = tmp_path / "offline"
     assert cli.main(["recon", str(shepp_full), "--out", str(offline), "--method", "zero-filled"]) == 0
     np.testing.assert_allclose(np.load(offline / "images.npy"), served, rtol=1e-4, atol=1e-3)

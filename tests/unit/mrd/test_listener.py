@@ -40,13 +40,13 @@ def test_stop_ends_the_loop_and_leaves_liveness_clean() -> None:
     sock = socket.create_server(("127.0.0.1", 0))
     loop = listener.AcceptLoop(sock, lambda conn, peer: None, name="test", refusal=lambda text: b"")
     loop.start()
-    assert loop.alive and listener.liveness()[0]
+    assert loop.alive and listener.liveness([loop])[0]
     t0 = time.perf_counter()
     loop.stop()
     assert loop._thread is not None
     loop._thread.join(5)
     assert not loop._thread.is_alive() and time.perf_counter() - t0 < 2
-    assert "test" not in listener.liveness()[1]
+    assert listener.liveness([loop]) == (True, "no listener")  # stopped on purpose: not dead
 
 
 def test_parse_networks_refuses_bad_entries() -> None:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from recon_server.recon.scale import centre_acs, slice_scale
 from recon_server.dpm.unet import build_denoiser
 from recon_server.recon import engine
 from recon_server.recon.engine import SamplerSpec, reconstruct_volume, volume_scale
 from recon_server.recon.masks import equispaced_mask, mask_2d
+from recon_server.recon.scale import centre_acs, slice_scale
 
 # Samplers on tiny images: one thread is faster and gives the same numbers on every machine.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
