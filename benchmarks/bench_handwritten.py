@@ -49,7 +49,14 @@ from torch import Tensor
 
 from recon_server.machine import describe as describe_machine
 from recon_server.ops.logs import UNSAFE, JsonFormatter
-from recon_server.recon.classic import WAVELETS, wavelet_forward, wavelet_inverse
+from recon_server.recon.classic import (
+    WAVELETS,
+    _levels,
+    conv_wavelet_forward,
+    conv_wavelet_inverse,
+    wavelet_forward,
+    wavelet_inverse,
+)
 from recon_server.recon.sense import SenseOperator
 
 
@@ -107,7 +114,7 @@ def _unplanes(y: Tensor) -> Tensor:
 
 
 def ours_periodization_error(wavelet: str, levels: int, size: int) -> float:
-    """Max |ours - pywt periodization| over all levels and bands, ours' input to each level shifted
+    """Max |our torch path - pywt periodization| over all levels and bands, ours' input to each level shifted
     circularly by L/2 - 1 samples (float64, complex). NaN without PyWavelets."""
     try:
         import pywt
@@ -116,7 +123,8 @@ def ours_periodization_error(wavelet: str, levels: int, size: int) -> float:
     shift = len(WAVELETS[wavelet]) // 2 - 1
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, size, size)) + 1j * rng.standard_normal((2, size, size))
-    approx, details = wavelet_forward(torch.from_numpy(x), wavelet=wavelet, levels=levels)
+    exact = _levels((size, size), levels, len(WAVELETS[wavelet]))
+    approx, details = conv_wavelet_forward(torch.from_numpy(x), wavelet, exact)
     err, a = 0.0, x
     for level in range(len(details)):
         ca, (ch, cv, cd) = pywt.dwt2(
@@ -129,16 +137,26 @@ def ours_periodization_error(wavelet: str, levels: int, size: int) -> float:
 
 
 def wavelet_peers(wavelet: str, levels: int, like: Tensor) -> tuple[list[WaveletPeer], list[str]]:
+    exact = _levels((like.shape[-2], like.shape[-1]), levels, len(WAVELETS[wavelet]))
     peers = [
         WaveletPeer(
-            "ours (`recon.classic`)",
-            lambda x: wavelet_forward(x, wavelet=wavelet, levels=levels),
-            lambda c: wavelet_inverse(c[0], c[1], wavelet=wavelet),
+            "ours (`recon.classic` torch convolutions: the CUDA / autograd path)",
+            lambda x: conv_wavelet_forward(x, wavelet, exact),
+            lambda c: conv_wavelet_inverse(c[0], c[1], wavelet),
             lambda c: [c[0], *c[1]],
             "yes, up to a shift of L/2-1 per level (max diff {ours_err:.1e})",
             "yes",
             "yes (torch)",
-        )
+        ),
+        WaveletPeer(
+            "`recon.classic.wavelet_forward` on the CPU (PyWavelets inside)",
+            lambda x: wavelet_forward(x, wavelet=wavelet, levels=levels),
+            lambda c: wavelet_inverse(c[0], c[1], wavelet=wavelet),
+            lambda c: [c[0], *c[1]],
+            "yes (the same coefficients as the torch path)",
+            "yes",
+            "CUDA tensors take the torch path",
+        ),
     ]
     skipped: list[str] = []
     try:

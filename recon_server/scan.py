@@ -116,8 +116,10 @@ class ImageVolume:
     role: str = "image"
     measurement_uid: int = 0
     raw_digest: str = ""
+    scan_header: ScanHeader | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def header(self) -> ScanHeader:
-        """The scan header's typed fields (what the DICOM writer needs), parsed on first use."""
-        return parse_header(self.header_xml)
+        """The scan header's typed fields (what the DICOM writer needs): the scan's, parsed once
+        there (``KSpaceScan.header``), else parsed from ``header_xml`` on first use."""
+        return self.scan_header if self.scan_header is not None else parse_header(self.header_xml)

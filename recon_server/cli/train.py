@@ -1,7 +1,7 @@
 """Subcommands of the diffusion-prior area: ``train pretrain``, ``train finetune``, ``sample``.
 
 Multi-GPU / multi-node: run the same command under torchrun, e.g.
-``torchrun --nproc_per_node 8 -m recon_server.cli.main train pretrain ...``; ``--batch`` is the global
+``torchrun --nproc_per_node 8 -m recon_server.cli train pretrain ...``; ``--batch`` is the global
 batch (split evenly over the processes).
 
 torch is imported in the handlers: ``recon-server`` builds its parser without it.

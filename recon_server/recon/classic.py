@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import pywt
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import Tensor
@@ -51,6 +52,8 @@ __all__ = [
     "l1_wavelet",
     "pixel_noise",
     "rss",
+    "conv_wavelet_forward",
+    "conv_wavelet_inverse",
     "wavelet_forward",
     "wavelet_inverse",
     "zero_filled",
@@ -279,28 +282,80 @@ def _from_planes(y: Tensor, lead: tuple[int, ...], complex_: bool) -> Tensor:
     return torch.view_as_complex(y.reshape(*lead, 2, k, h, w).movedim(-4, -1).contiguous())
 
 
+def _on_pywavelets(x: Tensor) -> bool:
+    """CPU tensors outside autograd go to PyWavelets (~3x faster there: benchmarks/bench_handwritten.py);
+    CUDA tensors stay on the device with the convolutions (:func:`conv_wavelet_forward`)."""
+    return x.device.type == "cpu" and not x.requires_grad
+
+
+def _shift(wavelet: str) -> int:
+    """Our periodic DWT is PyWavelets' ``periodization`` of the input rolled by ``L/2 - 1``."""
+    return len(WAVELETS[wavelet]) // 2 - 1
+
+
+def _pywt_forward(x: Tensor, wavelet: str, levels: int) -> tuple[Tensor, list[Tensor]]:
+    shift, a = _shift(wavelet), x.numpy()
+    details: list[Tensor] = []
+    for _ in range(levels):
+        ca, bands = pywt.dwt2(np.roll(a, (-shift, -shift), axis=(-2, -1)), wavelet, mode="periodization")
+        details.append(torch.from_numpy(np.stack(bands, axis=-3)))
+        a = ca
+    return torch.from_numpy(np.ascontiguousarray(a)), details
+
+
+def _pywt_inverse(approximation: Tensor, details: list[Tensor], wavelet: str) -> Tensor:
+    shift, a = _shift(wavelet), approximation.numpy()
+    for d in reversed(details):
+        bands = d.numpy()
+        a = pywt.idwt2(
+            (a, (bands[..., 0, :, :], bands[..., 1, :, :], bands[..., 2, :, :])),
+            wavelet,
+            mode="periodization",
+        )
+        a = np.roll(a, (shift, shift), axis=(-2, -1))
+    return torch.from_numpy(a.astype(approximation.numpy().dtype, copy=False))
+
+
 def wavelet_forward(x: Tensor, *, wavelet: str = "db4", levels: int = 4) -> tuple[Tensor, list[Tensor]]:
     """Orthogonal periodic 2-D DWT of the last two axes.
 
     Returns ``(approximation, details)``: ``approximation`` is ``(..., H/2^J, W/2^J)``,
     ``details[i]`` is ``(..., 3, H/2^(i+1), W/2^(i+1))`` (finest first). Fewer than ``levels``
     levels are used when a dimension becomes odd or shorter than the filter. Real or complex
-    input (the filters are real: complex data transform per component).
+    input (the filters are real: complex data transform per component). The same coefficients
+    on the CPU (PyWavelets) and on CUDA or under autograd (torch convolutions), to float rounding.
     """
+    if wavelet not in WAVELETS:
+        raise ValueError(f"unknown wavelet {wavelet!r}; known: {sorted(WAVELETS)}")
+    n = _levels((x.shape[-2], x.shape[-1]), levels, len(WAVELETS[wavelet]))
+    return _pywt_forward(x, wavelet, n) if _on_pywavelets(x) else conv_wavelet_forward(x, wavelet, n)
+
+
+def wavelet_inverse(approximation: Tensor, details: list[Tensor], *, wavelet: str = "db4") -> Tensor:
+    """Inverse (= adjoint) of :func:`wavelet_forward`."""
+    if wavelet not in WAVELETS:
+        raise ValueError(f"unknown wavelet {wavelet!r}; known: {sorted(WAVELETS)}")
+    if _on_pywavelets(approximation) and all(_on_pywavelets(d) for d in details):
+        return _pywt_inverse(approximation, details, wavelet)
+    return conv_wavelet_inverse(approximation, details, wavelet)
+
+
+def conv_wavelet_forward(x: Tensor, wavelet: str, levels: int) -> tuple[Tensor, list[Tensor]]:
+    """:func:`wavelet_forward` with torch convolutions (any device, autograd), ``levels`` exact."""
     lead = tuple(x.shape[:-2])
     real = x.real.dtype if x.is_complex() else x.dtype
     w_cols, w_rows = _filters(wavelet, real, x.device)
     a = _to_planes(x)
     details: list[Tensor] = []
-    for _ in range(_levels((x.shape[-2], x.shape[-1]), levels, w_cols.shape[-1])):
+    for _ in range(levels):
         bands = _dwt2_level(a, w_cols, w_rows)
         a = bands[:, :1]
         details.append(_from_planes(bands[:, 1:], lead, x.is_complex()))
     return _from_planes(a, lead, x.is_complex())[..., 0, :, :], details
 
 
-def wavelet_inverse(approximation: Tensor, details: list[Tensor], *, wavelet: str = "db4") -> Tensor:
-    """Inverse (= adjoint) of :func:`wavelet_forward`."""
+def conv_wavelet_inverse(approximation: Tensor, details: list[Tensor], wavelet: str) -> Tensor:
+    """:func:`wavelet_inverse` with torch convolutions."""
     lead = tuple(approximation.shape[:-2])
     is_complex = approximation.is_complex()
     real = approximation.real.dtype if is_complex else approximation.dtype

@@ -25,7 +25,8 @@ magnitude over the samples, on the image's intensity scale, ``role="sd"``, serie
 ``image + SD_SERIES_OFFSET``, description ``"<protocol> uncertainty (SD)"``, ImageType
 ``DERIVED\\SECONDARY\\OTHER\\SD``. Every sink writes it like any volume (its own DICOM series).
 
-:class:`ReconWorker` serialises all reconstructions through one queue and thread (one GPU).
+:class:`recon_server.service.worker.ReconWorker` serialises all reconstructions of the service
+through one queue and thread (one GPU).
 
 Fallback (``reconstruct_all(..., fallback=...)``; the worker passes ``ServiceConfig.fallback_method``,
 ``cg-sense`` by default): when the method raises one of :data:`FALLBACK_ERRORS` (model missing or
@@ -301,7 +302,10 @@ def _progress_fn(
     t0 = time.perf_counter()
 
     def report(done: int, total: int) -> None:
-        progress(Progress(label, method, done, total, time.perf_counter() - t0))
+        try:
+            progress(Progress(label, method, done, total, time.perf_counter() - t0))
+        except Exception as exc:  # noqa: BLE001 - a progress display must not fail the reconstruction
+            log.debug("progress not reported: %s", exc)
 
     return report
 
@@ -382,6 +386,7 @@ def _volumes(
         measurement_id=scan.measurement_id,
         measurement_uid=scan.measurement_uid,
         raw_digest=scan.raw_digest,
+        scan_header=scan.header,
     )
     volumes = [image]
     if out.std is not None:

@@ -2,7 +2,8 @@
 
 ``<execute name="recon_server.service.gadget" target="gadget" type="python"/>``
     Gadgetron runs ``python -m gadgetron <port> recon_server.service.gadget gadget`` per stream;
-    :func:`gadget` reconstructs on the calling thread (state is rebuilt for every scan).
+    :func:`gadget` reconstructs that stream on a worker of its own (state is rebuilt for every
+    scan; the configuration's time limits and fallback apply as in the server).
 ``<connect port="18000"/>``
     ``recon-server serve --gadgetron-port 18000`` runs :class:`GadgetronListener`: a
     long-running accept loop (``gadgetron.external.listen`` accepts one connection over

@@ -18,7 +18,7 @@ derived from what a client sent. An entry goes through::
       -> failed     (the stream broke, the scan could not be assembled or reconstructed)
 
 The record lists the volumes a reconstruction made (``planned``, keys from
-:func:`recon_server.recon.pipeline.volume_key`) and those delivered to every sink (``delivered``);
+:func:`recon_server.service.worker.volume_key`) and those delivered to every sink (``delivered``);
 a restart delivers only the rest. On ``serve`` start (:func:`recover`), an entry still
 ``receiving`` is kept as failed (an incomplete stream), a ``received`` one is reconstructed
 and delivered again, with the client's method and options, through the normal worker and
@@ -190,7 +190,7 @@ class JournalEntry:
     def _save(self) -> None:
         _write_json_atomic(self.record_path, self.record)
 
-    # ---- delivery (pipeline.DeliveryLog) ------------------------------------------------
+    # ---- delivery (service.worker.DeliveryLog) ----------------------------------------
 
     def planned(self, keys: list[str]) -> None:
         with self._lock:

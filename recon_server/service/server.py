@@ -33,6 +33,7 @@ one :class:`~recon_server.service.worker.ReconWorker` queue.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import select
@@ -62,21 +63,38 @@ log = logging.getLogger(__name__)
 
 
 class MrdReplies:
-    """The MRD server's answers: IMAGE, TEXT ``PROGRESS ...``, TEXT ``ERR ...`` + CLOSE."""
+    """The MRD server's answers: TEXT ``PROGRESS ...``, IMAGE, TEXT ``ERR ...`` + CLOSE.
+
+    Progress arrives on the worker thread; it is only queued there and written by the connection
+    thread (:meth:`send_progress`, from the wait's poll and before the images), so one thread
+    writes the socket and a slow client never holds the worker.
+    """
 
     def __init__(self, writer: wire.WireWriter) -> None:
         self.writer = writer
-
-    def image(self, image: wire.Image) -> None:
-        self.writer.send(image, flush=False)
+        self._progress: collections.deque[str] = collections.deque(maxlen=64)
 
     def progress(self, text: str) -> None:
-        self.writer.send(wire.Text(PROGRESS_PREFIX + text))
+        self._progress.append(text)
+
+    def send_progress(self) -> None:
+        sent = False
+        while self._progress:
+            self.writer.send(wire.Text(PROGRESS_PREFIX + self._progress.popleft()), flush=False)
+            sent = True
+        if sent:
+            self.writer.flush()
+
+    def image(self, image: wire.Image) -> None:
+        self.send_progress()
+        self.writer.send(image, flush=False)
 
     def finish(self) -> None:
+        self.send_progress()
         self.writer.send(wire.Close())
 
     def error(self, text: str) -> None:
+        self._progress.clear()
         self.writer.send(wire.Text(f"ERR {text}"), flush=False)
         self.writer.send(wire.Close())
 
@@ -198,12 +216,16 @@ class StreamServer(Endpoint):
         if deadline is not None and time.monotonic() >= deadline:
             raise ServiceStopping("server shutting down")
 
-    def _poll(self, conn: socket.socket) -> None:
+    def _poll(self, conn: socket.socket, replies: MrdReplies) -> None:
         """While a connection waits for its reconstruction: the end of the grace period, or the
         client gone when no sink wants the images."""
         self._poll_shutdown()
         if not self.service.sinks and peer_gone(conn):
             raise ReconCancelled("the client closed the connection before its images were ready")
+        try:
+            replies.send_progress()
+        except (OSError, ValueError) as exc:  # the peer left: the sinks still get the images
+            log.debug("progress not sent: %s", exc)
 
     def _finish_entry(self, session: StreamSession) -> None:
         """The images went to every sink: drop the journal entry, or keep the scan as failed."""
@@ -318,7 +340,7 @@ class StreamServer(Endpoint):
             method=session.method,
             samples=session.samples,
             delivery=session.entry,
-            poll=functools.partial(self._poll, conn),
+            poll=functools.partial(self._poll, conn, replies),
             image_dtype=self.config.image_dtype,
             on_scans=None
             if session.method is not None
@@ -329,7 +351,9 @@ class StreamServer(Endpoint):
     @staticmethod
     def _report_failure(replies: MrdReplies, peer: object, exc: Exception, kept: Path | None = None) -> None:
         note = f" (raw data kept on the server as {kept.name})" if kept else ""
-        report_failure("mrd", replies, peer, exc, note)
+        # A refused configuration reads "ERR ValueError: ..." on the wire, as it always has.
+        name = "ValueError" if isinstance(exc, ClientConfigError) else type(exc).__name__
+        report_failure("mrd", replies, peer, exc, note, name=name)
 
 
 def refusal_message(text: str) -> bytes:

@@ -22,7 +22,6 @@ import numpy as np
 from recon_server.dicom.writer import dicom_series_description
 from recon_server.mrd import wire
 from recon_server.mrd.assemble import Assembler
-from recon_server.mrd.client_config import ClientConfigError
 from recon_server.ops import service_metrics
 from recon_server.recon.pipeline import Progress, fallback_note
 from recon_server.scan import ImageVolume, KSpaceScan
@@ -202,20 +201,20 @@ def reconstruct_stream(
 
 
 def _progress(replies: Replies, progress: Progress) -> None:
-    """Log the slice count and tell the peer; a peer that cannot hear it still gets its images."""
+    """Log the slice count and hand it to the peer's replies (runs on the worker thread)."""
     text = progress.text()
     log.info("%s", text)
-    try:
-        replies.progress(text)
-    except OSError as exc:
-        log.debug("progress not sent: %s", exc)
+    replies.progress(text)
 
 
-def report_failure(listener: str, replies: Replies, peer: object, exc: Exception, note: str = "") -> None:
-    """Count and log a failed stream, then tell the peer (:meth:`Replies.error`) if it still listens."""
+def report_failure(
+    listener: str, replies: Replies, peer: object, exc: Exception, note: str = "", *, name: str = ""
+) -> None:
+    """Count and log a failed stream, then tell the peer (:meth:`Replies.error`) if it still listens.
+
+    ``name``: the error's name on the wire (default: the exception's class)."""
     service_metrics.stream_failed(listener, exc)
-    # A refused configuration reads "ERR ValueError: ..." on the wire, as it always has.
-    name = "ValueError" if isinstance(exc, ClientConfigError) else type(exc).__name__
+    name = name or type(exc).__name__
     # The text, not the exception: a handler that keeps records (a queue, a test's capture)
     # would keep its traceback's frames, and the failed scan's buffers with them, alive.
     log.error("%s stream from %s failed: %s: %s", listener, peer, name, str(exc))
