@@ -146,3 +146,14 @@ def method_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
             parsed = value  # a bare word, e.g. dps.solver=heun
         out.setdefault(method, {})[name] = parsed
     return out
+
+
+def add_sampler_overrides(parser: argparse.ArgumentParser) -> None:
+    """``--set METHOD.SETTING=VALUE`` (repeatable, parsed by :func:`method_overrides`)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="METHOD.SETTING=VALUE",
+        help="sampler setting beating the model card, e.g. dps.steps=100 (repeatable)",
+    )

@@ -28,13 +28,7 @@ log = logging.getLogger(__name__)
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint directory for the dps methods (default: shipped)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (falls back to the CPU)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="METHOD.SETTING=VALUE",
-        help="sampler setting beating the card, e.g. dps.steps=100 (repeatable)",
-    )
+    options.add_sampler_overrides(p)
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
 
 
@@ -81,13 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tz.add_argument("--slices", type=options.positive_int, default=4, help="central slices per subject")
     tz.add_argument("--dry-run", action="store_true", help="print the sweep, leave the card alone")
     tz.add_argument("--device", default="cpu", help="torch device")
-    tz.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="METHOD.SETTING=VALUE",
-        help="sampler setting beating the card, e.g. dps.steps=100 (repeatable)",
-    )
+    options.add_sampler_overrides(tz)
     tz.add_argument("--seed", type=int, default=0, help="sampler seed")
     tz.set_defaults(func=run_tune_zeta)
 

@@ -29,6 +29,7 @@ from recon_server.ops.service_metrics import REGISTRY, Sample, SampleCollector
 from recon_server.service.config import AppConfig
 from recon_server.service.endpoint import Endpoint
 from recon_server.service.listener import liveness as listener_liveness
+from recon_server.service.server import StreamServer
 from recon_server.service.worker import ReconWorker
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,11 @@ def start_ops(
     *,
     worker: ReconWorker,
     sender: object | None = None,
-    endpoints: Sequence[Endpoint] = (),
 ) -> tuple[OpsServer | None, ModelLoader, Callable[[], None]]:
     """Start the model pre-load, register collectors and (unless disabled) the HTTP endpoint.
 
-    ``endpoints``: the listeners whose accept loops ``/healthz`` watches (a list the caller may
-    still append to). Returns ``(server or None, loader, stop)``.
+    Returns ``(server or None, loader, stop)``; :func:`watch_listeners` adds the listeners'
+    checks once they run.
     """
     model = ModelLoader(app, worker.use_denoiser).start()
     if app.dicom is not None and app.dicom.destinations:
@@ -188,7 +188,24 @@ def start_ops(
         app.ops.http_host,
         app.ops.http_port,
         checks=readiness_checks(app, worker=worker, sender=sender, model=model),
-        liveness={"accept_loops": lambda: listener_liveness([e.accept_loop for e in endpoints])},
     )
     server.start()
     return server, model, server.stop
+
+
+def watch_listeners(ops_server: OpsServer, endpoints: Sequence[Endpoint]) -> None:
+    """``/healthz`` fails once an accept loop of ``endpoints`` dies; ``/readyz`` fails while the
+    MRD stream server shuts down."""
+    loops = [e.accept_loop for e in endpoints]
+    ops_server.liveness["accept_loops"] = lambda: listener_liveness(loops)
+    for endpoint in endpoints:
+        if isinstance(endpoint, StreamServer):
+            ops_server.checks["accepting"] = _accepting(endpoint)
+
+
+def _accepting(server: StreamServer) -> Check:
+    def check() -> tuple[bool, str]:
+        down = server.shutting_down
+        return not down, "shutting down" if down else "accepting streams"
+
+    return check

@@ -100,13 +100,7 @@ def _add_recon(subparsers: argparse._SubParsersAction, fmt: type[argparse.HelpFo
         help="posterior samples of a diffusion method: mean image + SD map (sd.npy, a second series; "
         "default: one, no SD map)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="METHOD.SETTING=VALUE",
-        help="sampler setting beating the model card, e.g. dps-fast.steps=10 (repeatable)",
-    )
+    options.add_sampler_overrides(p)
     p.add_argument(
         "--cpu-precision",
         choices=options.CPU_PRECISIONS,

@@ -251,9 +251,7 @@ def _outputs(app: AppConfig) -> _Outputs:
     return out
 
 
-def _start_listeners(
-    config: ServiceConfig, outputs: _Outputs, worker: Any, journal: Any, ops_server: Any
-) -> list[Any]:
+def _start_listeners(config: ServiceConfig, outputs: _Outputs, worker: Any, journal: Any) -> list[Any]:
     """The MRD stream server (unless Gadgetron only) and the Gadgetron listener (if a port is set)."""
     from recon_server.service.gadget import GadgetronListener
     from recon_server.service.server import StreamServer
@@ -264,13 +262,6 @@ def _start_listeners(
         host, port = server.start()
         started.append(server)
         print(f"recon-server: MRD stream server on {host}:{port}", flush=True)
-        if ops_server is not None:
-
-            def accepting_check() -> tuple[bool, str]:
-                down = server.shutting_down
-                return not down, "shutting down" if down else "accepting streams"
-
-            ops_server.checks["accepting"] = accepting_check
     if config.gadgetron_port is not None:
         listener = GadgetronListener(config, sinks=outputs.sinks, worker=worker)
         host, port = listener.start()
@@ -280,7 +271,7 @@ def _start_listeners(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from recon_server.cli.runtime import start_ops
+    from recon_server.cli.runtime import start_ops, watch_listeners
     from recon_server.ops.http import queue_ready
     from recon_server.ops.logs import configure_logging
     from recon_server.service.journal import Journal
@@ -314,14 +305,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             on_release=outputs.spool.release if outputs.spool is not None else None,
         )
     worker = worker_for(config)
-    endpoints: list[Any] = []  # /healthz watches their accept loops
-    ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=outputs.sender, endpoints=endpoints)
+    ops_server, loader, stop_ops = start_ops(app, worker=worker, sender=outputs.sender)
     if ops_server is not None:
         ops_server.checks["recon_queue"] = queue_ready(worker, config.ready_queue_threshold)
         if ops_server.address is not None:
             host, port = ops_server.address
             print(f"recon-server: health and metrics on http://{host}:{port}", flush=True)
-    endpoints += _start_listeners(config, outputs, worker, journal, ops_server)
+    endpoints = _start_listeners(config, outputs, worker, journal)
+    if ops_server is not None:
+        watch_listeners(ops_server, endpoints)
     server = next((e for e in endpoints if isinstance(e, StreamServer)), None)
     if journal is not None and server is not None:
         recovery = threading.Thread(

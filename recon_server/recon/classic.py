@@ -305,6 +305,7 @@ def _pywt_forward(x: Tensor, wavelet: str, levels: int) -> tuple[Tensor, list[Te
 
 def _pywt_inverse(approximation: Tensor, details: list[Tensor], wavelet: str) -> Tensor:
     shift, a = _shift(wavelet), approximation.numpy()
+    dtype = a.dtype  # PyWavelets may widen float32 sums; the transform keeps the input's type
     for d in reversed(details):
         bands = d.numpy()
         a = pywt.idwt2(
@@ -313,7 +314,7 @@ def _pywt_inverse(approximation: Tensor, details: list[Tensor], wavelet: str) ->
             mode="periodization",
         )
         a = np.roll(a, (shift, shift), axis=(-2, -1))
-    return torch.from_numpy(a.astype(approximation.numpy().dtype, copy=False))
+    return torch.from_numpy(a.astype(dtype, copy=False))
 
 
 def wavelet_forward(x: Tensor, *, wavelet: str = "db4", levels: int = 4) -> tuple[Tensor, list[Tensor]]:

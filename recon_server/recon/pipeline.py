@@ -292,13 +292,18 @@ def recon_problem(
     )
 
 
+def series_label(scan: KSpaceScan) -> str:
+    """What the scan's series is called: its protocol name, else its contrast, else ``MR``."""
+    return scan.header.protocol_name or scan.contrast or "MR"
+
+
 def _progress_fn(
     scan: KSpaceScan, method: str, progress: ProgressSink | None
 ) -> Callable[[int, int], None] | None:
     """The methods' ``progress(done, total)`` as :class:`Progress` for ``progress``."""
     if progress is None:
         return None
-    label = scan.header.protocol_name or scan.contrast or "MR"
+    label = series_label(scan)
     t0 = time.perf_counter()
 
     def report(done: int, total: int) -> None:
@@ -364,7 +369,7 @@ def _volumes(
     magnitude = (magnitude * scale).astype(np.float32)
     settings["intensity_scale"] = scale
     settings["seconds"] = round(time.perf_counter() - started, 3)
-    label = scan.header.protocol_name or scan.contrast or "MR"
+    label = series_label(scan)
     provenance = Provenance(
         method=method,
         settings=settings,

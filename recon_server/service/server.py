@@ -249,7 +249,7 @@ class StreamServer(Endpoint):
         return entry.fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
     def _report_shutdown(
-        self, writer: wire.WireWriter, peer: object, *, journaled: bool = False, kept: Path | None = None
+        self, replies: MrdReplies, peer: object, *, journaled: bool = False, kept: Path | None = None
     ) -> None:
         service_metrics.STREAMS.labels(listener="mrd", outcome="shutdown").inc()
         if journaled:
@@ -260,8 +260,7 @@ class StreamServer(Endpoint):
             note = ""
         log.warning("stream from %s: server shutting down%s", peer, note)
         try:
-            writer.send(wire.Text(f"ERR server shutting down{note}"), flush=False)
-            writer.send(wire.Close())
+            replies.error(f"server shutting down{note}")
         except OSError as exc:
             log.info("could not tell %s: %s", peer, exc)
 
@@ -301,7 +300,7 @@ class StreamServer(Endpoint):
             # Received in full but not reconstructed: a restart reconstructs it from the journal.
             if session.entry is not None:
                 session.entry.leave()
-            self._report_shutdown(writer, peer, journaled=session.entry is not None)
+            self._report_shutdown(replies, peer, journaled=session.entry is not None)
         except ReconCancelled as exc:  # the client went away and no sink wants the images
             service_metrics.stream_failed("mrd", exc)
             log.warning("stream from %s: %s; reconstruction dropped", peer, exc)
@@ -309,7 +308,7 @@ class StreamServer(Endpoint):
         except (ValueError, OSError, RuntimeError) as exc:  # ProtocolError is a ValueError
             receiving = session.entry is None or session.entry.state == RECEIVING
             if self._shutting_down.is_set() and receiving and not isinstance(exc, ClientConfigError):
-                self._report_shutdown(writer, peer, kept=self._keep(session, exc))
+                self._report_shutdown(replies, peer, kept=self._keep(session, exc))
             else:
                 self._report_failure(replies, peer, exc, self._keep(session, exc))
         except Exception as exc:  # noqa: BLE001 - the connection boundary: a bug must not go unreported
