@@ -28,11 +28,13 @@ set's slices (an oracle), and seconds per slice. Prints the command and the mach
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +51,10 @@ from recon_server.research.quality import nrmse
 COLIN_BETTER = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 TYPICAL_SNR = 40.0
 ACS_LINES = 24
-CG_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-L1_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-BART_L2_SWEEP = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-BART_W_SWEEP = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2)
+CG_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+L1_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+BART_L2_SWEEP = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+BART_W_SWEEP = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2, 1e-1)
 
 
 # --------------------------------------------------------------------------- test sets
@@ -173,14 +175,37 @@ def bart_pics(bart: str, d: Path, regularisation: str, n: int) -> tuple[np.ndarr
 # --------------------------------------------------------------------------- one row
 
 
-def run_row(slices: np.ndarray, coils: int, noise: float, accel: int, bart: str | None) -> dict[str, object]:
+def bart_errors(
+    key: str, cache: dict[str, float], compute: Callable[[], list[tuple[str, float, float]]]
+) -> dict[str, float]:
+    """BART's errors of one slice, ``{regularisation: nrmse}`` plus ``time`` (median s per pics),
+    from ``cache`` when present (BART does not change between runs; our solvers do)."""
+    if f"{key}/time" not in cache:
+        results = compute()
+        for reg, error, _ in results:
+            cache[f"{key}/{reg}"] = error
+        cache[f"{key}/time"] = float(np.median([t for reg, _, t in results if reg.startswith("W")]))
+    prefix = f"{key}/"
+    return {k[len(prefix) :]: v for k, v in cache.items() if k.startswith(prefix)}
+
+
+def run_row(
+    name: str,
+    slices: np.ndarray,
+    coils: int,
+    noise: float,
+    accel: int,
+    bart: str | None,
+    cache: dict[str, float],
+    bart_only: bool = False,
+) -> dict[str, object]:
     rng = np.random.default_rng(int(1000 * noise) + 10 * accel + coils)
     ours: dict[str, list[float]] = {
         k: [] for k in ("cg", "cg_best", "l1", "l1_best", "t_cg", "t_l1", "t_bart")
     }
     bart_l2: dict[float, list[float]] = {r: [] for r in BART_L2_SWEEP}
     bart_w: dict[float, list[float]] = {r: [] for r in BART_W_SWEEP}
-    for mag in slices:
+    for index, mag in enumerate(slices):
         k, mask, truth = acquire(mag, coils, noise, accel, rng)
         head = mag > 0.05
         ref = np.abs(truth)
@@ -188,6 +213,28 @@ def run_row(slices: np.ndarray, coils: int, noise: float, accel: int, bart: str 
         def error(image: torch.Tensor | np.ndarray, ref: np.ndarray = ref, head: np.ndarray = head) -> float:
             return nrmse(np.abs(np.asarray(image)).reshape(ref.shape), ref, mask=head, fit_scale=True)
 
+        if bart is not None:
+
+            def run_bart(
+                k: torch.Tensor = k, error: Callable[..., float] = error, bart: str = bart
+            ) -> list[tuple[str, float, float]]:
+                with tempfile.TemporaryDirectory(prefix="bench-bart-") as tmp:
+                    d = Path(tmp)
+                    bart_maps(k[0].numpy(), bart, d)
+                    out = []
+                    for reg in [f"Q:{r}" for r in BART_L2_SWEEP] + [f"W:3:0:{r}" for r in BART_W_SWEEP]:
+                        image, seconds = bart_pics(bart, d, reg, k.shape[-1])
+                        out.append((reg, error(image), seconds))
+                    return out
+
+            found = bart_errors(f"{name}/{k.shape[-1]}/{coils}/{noise:g}/{accel}/{index}", cache, run_bart)
+            for r in BART_L2_SWEEP:
+                bart_l2[r].append(found[f"Q:{r}"])
+            for r in BART_W_SWEEP:
+                bart_w[r].append(found[f"W:3:0:{r}"])
+            ours["t_bart"].append(found["time"])
+        if bart_only:
+            continue
         acs = (k.shape[-2] // 2 - ACS_LINES // 2, k.shape[-2] // 2 + ACS_LINES // 2)
         maps = espirit_maps(calibration_region(k, acs), (k.shape[-2], k.shape[-1]))
         t0 = time.perf_counter()
@@ -198,21 +245,10 @@ def run_row(slices: np.ndarray, coils: int, noise: float, accel: int, bart: str 
         ours["t_l1"].append(time.perf_counter() - t0)
         ours["cg_best"].append(min(error(cg_sense(k, maps, mask, lam=lam)[0]) for lam in CG_SWEEP))
         ours["l1_best"].append(min(error(l1_wavelet(k, maps, mask, lam=lam)[0]) for lam in L1_SWEEP))
-        if bart is not None:
-            with tempfile.TemporaryDirectory(prefix="bench-bart-") as tmp:
-                d = Path(tmp)
-                bart_maps(k[0].numpy(), bart, d)
-                for r in BART_L2_SWEEP:
-                    bart_l2[r].append(error(bart_pics(bart, d, f"Q:{r}", k.shape[-1])[0]))
-                times = []
-                for r in BART_W_SWEEP:
-                    image, seconds = bart_pics(bart, d, f"W:3:0:{r}", k.shape[-1])
-                    bart_w[r].append(error(image))
-                    times.append(seconds)
-                ours["t_bart"].append(float(np.median(times)))
     row: dict[str, object] = {key: float(np.mean(v)) if v else float("nan") for key, v in ours.items()}
-    row["cg_ratio"] = max(a / b for a, b in zip(ours["cg"], ours["cg_best"], strict=True))
-    row["l1_ratio"] = max(a / b for a, b in zip(ours["l1"], ours["l1_best"], strict=True))
+    pairs = {"cg_ratio": ("cg", "cg_best"), "l1_ratio": ("l1", "l1_best")}
+    for ratio, (auto, best) in pairs.items():
+        row[ratio] = max((a / b for a, b in zip(ours[auto], ours[best], strict=True)), default=float("nan"))
     if bart is not None:
         r2 = min(bart_l2, key=lambda r: float(np.mean(bart_l2[r])))
         rw = min(bart_w, key=lambda r: float(np.mean(bart_w[r])))
@@ -227,13 +263,7 @@ def rule_sweep(snrs: list[float], accels: list[int], coils: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_recon import simulate, undersample
 
-    from recon_server.recon.classic import (
-        CG_NOISE_WEIGHT,
-        L1_ARTIFACT_WEIGHT,
-        L1_NOISE_WEIGHT,
-        data_scale,
-        pixel_noise,
-    )
+    from recon_server.recon.classic import cg_weight, data_scale, l1_weight, pixel_noise
     from recon_server.recon.sense import SenseOperator
 
     steps = range(-3, 4)
@@ -248,10 +278,10 @@ def rule_sweep(snrs: list[float], accels: list[int], coils: int) -> None:
             k, mask, acs = undersample(k_full, accel)
             maps = espirit_maps(calibration_region(k, acs), (256, 256))
             m = torch.from_numpy(mask)
-            noise = float(pixel_noise(k, m, data_scale(SenseOperator(maps, m).adjoint(k)), None))
+            noise = pixel_noise(k, m, data_scale(SenseOperator(maps, m).adjoint(k)), None)
             rules = (
-                ("cg-sense", cg_sense, CG_NOISE_WEIGHT * noise**2),
-                ("l1-wavelet", l1_wavelet, L1_NOISE_WEIGHT * noise**2 + L1_ARTIFACT_WEIGHT),
+                ("cg-sense", cg_sense, float(cg_weight(noise))),
+                ("l1-wavelet", l1_wavelet, float(l1_weight(noise))),
             )
             for name, solver, lam in rules:
                 errors = [
@@ -272,6 +302,10 @@ def main() -> None:
     parser.add_argument("--coils", type=int, nargs="+", default=[12])
     parser.add_argument("--slices", type=int, default=2)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--bart-cache", type=Path, help="JSON of BART's errors per slice and weight (read, then extended)"
+    )
+    parser.add_argument("--bart-only", action="store_true", help="fill the BART cache, skip our solvers")
     parser.add_argument("--rule-sweep", action="store_true", help="how the rule's constants were fitted")
     parser.add_argument(
         "--snrs", type=float, nargs="+", default=[10.0, 30.0, 100.0, 300.0], help="(--rule-sweep)"
@@ -284,6 +318,9 @@ def main() -> None:
     if args.rule_sweep:
         rule_sweep(args.snrs, args.accels, args.coils[0])
         return
+    cache: dict[str, float] = (
+        json.loads(args.bart_cache.read_text()) if args.bart_cache and args.bart_cache.exists() else {}
+    )
     print(
         "| set | coils | noise | R | cg-sense auto | (x best) | BART l2 best (r) | l1-wavelet auto "
         "| (x best) | BART W best (lambda) | s/slice cg / l1 / BART W |"
@@ -297,7 +334,9 @@ def main() -> None:
         for coils in args.coils:
             for noise in args.noise:
                 for accel in args.accels:
-                    r = run_row(slices, coils, noise, accel, bart)
+                    r = run_row(name, slices, coils, noise, accel, bart, cache, args.bart_only)
+                    if args.bart_cache:
+                        args.bart_cache.write_text(json.dumps(cache, indent=0, sort_keys=True))
                     bart_cells = (
                         (
                             f"{r['bart_l2']:.4f} ({r['bart_l2_r']:g}) | ",

@@ -15,10 +15,10 @@ standard deviation of one complex k-space sample (1 after prewhitening with a no
 of the normalised zero-filled image is ``sigma_zf = sigma / s * sqrt(f)`` (``f`` the sampled
 fraction of k-space, unit-energy coil maps). CG-SENSE uses ``lam = CG_NOISE_WEIGHT * sigma_zf^2``
 (a Wiener-like ratio of noise to signal power, the signal's being fixed by the normalisation),
-L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 + L1_ARTIFACT_WEIGHT`` (a BayesShrink-like
-threshold, noise variance over a signal scale that the normalisation fixes, plus a floor for the
-undersampling artefacts that remain without noise; a threshold proportional to ``sigma_zf`` was
-measured too large at high SNR and too small at low SNR).
+L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 / (1 + sigma_zf / L1_NOISE_KNEE) +
+L1_ARTIFACT_WEIGHT`` (a BayesShrink-like threshold, noise variance over a signal scale that the
+normalisation fixes, turning into a universal-threshold-like ``sigma_zf`` law once the noise
+rivals the signal, plus a floor for the undersampling artefacts that remain without noise).
 Both constants were fitted once on Colin27 slices across SNR, R and coils; an explicit ``lam``
 overrides the rule. Iterations stop when the relative residual (CG) or the relative change of
 the iterate (FISTA) falls below ``tol``, at most ``iters``.
@@ -43,15 +43,20 @@ __all__ = [
     "CG_NOISE_WEIGHT",
     "CG_SENSE_ITERS",
     "L1_ARTIFACT_WEIGHT",
+    "L1_NOISE_KNEE",
     "L1_NOISE_WEIGHT",
+    "L1_WAVELETS",
     "L1_WAVELET_ITERS",
     "WAVELETS",
     "cg_sense",
+    "cg_weight",
     "conjugate_gradient",
     "data_scale",
     "l1_wavelet",
+    "l1_weight",
     "pixel_noise",
     "rss",
+    "sampled_fraction",
     "conv_wavelet_forward",
     "conv_wavelet_inverse",
     "wavelet_forward",
@@ -59,10 +64,15 @@ __all__ = [
     "zero_filled",
 ]
 
-# The weight rule (module docstring; fitted with benchmarks/bench_recon.py --tune, docs/recon.md).
+# The weight rule (module docstring; fitted with benchmarks/bench_regularisation.py, docs/recon.md).
 CG_NOISE_WEIGHT = 90.0
 L1_NOISE_WEIGHT = 16.0
 L1_ARTIFACT_WEIGHT = 1e-3
+# sigma_zf where L1's threshold turns from BayesShrink's sigma^2 to the universal threshold's sigma.
+L1_NOISE_KNEE = 0.2
+# Wavelet families taken in turn by the shrinkage (``l1_wavelet``): Haar keeps edges, db4 smooth
+# anatomy; alternating them approximates the sum of both l1 norms (docs/recon.md).
+L1_WAVELETS = ("haar", "db4")
 # Iteration caps; the stopping tolerances end most reconstructions earlier.
 CG_SENSE_ITERS = 100
 L1_WAVELET_ITERS = 100
@@ -129,11 +139,26 @@ def pixel_noise(
 ) -> Tensor:
     """``sigma_zf`` per slice ``(slices, 1, 1)``: the noise of one pixel of the zero-filled image
     divided by ``scale`` (module docstring). ``noise_sigma`` None: estimated from the data."""
-    s, _, ky, kx = kspace.shape
     sigma = noise_level(kspace, mask) if noise_sigma is None else torch.as_tensor(noise_sigma)
     sigma = sigma.to(device=kspace.device, dtype=torch.float32).reshape(-1, 1, 1)
-    fraction = as_mask(mask, s, ky, kx, device=kspace.device).mean(dim=(-3, -2, -1)).reshape(-1, 1, 1)
-    return sigma / scale.to(torch.float32) * fraction.sqrt()
+    return sigma / scale.to(torch.float32) * sampled_fraction(kspace, mask).sqrt()
+
+
+def sampled_fraction(kspace: Tensor, mask: Tensor | np.ndarray) -> Tensor:
+    """The sampled share of k-space per slice ``(slices, 1, 1)``."""
+    s, _, ky, kx = kspace.shape
+    return as_mask(mask, s, ky, kx, device=kspace.device).mean(dim=(-3, -2, -1)).reshape(-1, 1, 1)
+
+
+def cg_weight(sigma_zf: Tensor) -> Tensor:
+    """CG-SENSE's Tikhonov weight from the zero-filled pixel noise (docs/recon.md, "The weight rule")."""
+    return CG_NOISE_WEIGHT * sigma_zf**2
+
+
+def l1_weight(sigma_zf: Tensor) -> Tensor:
+    """L1-wavelet's weight from the zero-filled pixel noise: ``c sigma^2 / (1 + sigma / knee)``
+    plus the artefact floor (docs/recon.md, "The weight rule")."""
+    return L1_NOISE_WEIGHT * sigma_zf**2 / (1.0 + sigma_zf / L1_NOISE_KNEE) + L1_ARTIFACT_WEIGHT
 
 
 # --------------------------------------------------------------------------- CG
@@ -210,7 +235,7 @@ def cg_sense(
     op = SenseOperator(maps, mask)
     rhs = op.adjoint(kspace)
     scale = data_scale(rhs)
-    weight = CG_NOISE_WEIGHT * pixel_noise(kspace, mask, scale, noise_sigma) ** 2 if lam is None else lam
+    weight = cg_weight(pixel_noise(kspace, mask, scale, noise_sigma)) if lam is None else lam
     rhs = rhs / scale
     cb = None if callback is None else (lambda it, v, _res: callback(it, v * scale))
     x = conjugate_gradient(
@@ -399,7 +424,7 @@ def l1_wavelet(
     noise_sigma: float | Tensor | None = None,
     iters: int = L1_WAVELET_ITERS,
     tol: float = 2e-3,
-    wavelet: str = "db4",
+    wavelet: str | tuple[str, ...] = L1_WAVELETS,
     levels: int = 4,
     random_shift: bool = True,
     seed: int = 0,
@@ -409,10 +434,11 @@ def l1_wavelet(
 
     ``Psi`` is the orthogonal periodic 2-D DWT (:func:`wavelet_forward`); ``Psi_d`` its detail
     bands (the coarse approximation is not penalised); complex coefficients are shrunk in
-    magnitude. Step ``1/L`` with ``L`` the largest eigenvalue of ``A^H A`` (power iteration).
+    magnitude. ``wavelet``: one family, or several taken in turn (one per iteration; the default
+    alternates Haar and db4, which approximates the sum of both l1 norms). Step ``1/L`` with ``L``
+    the largest eigenvalue of ``A^H A`` (power iteration).
     ``lam`` refers to the per-slice normalised data (module docstring); None: the weight rule
-    ``L1_NOISE_WEIGHT * sigma_zf^2 + L1_ARTIFACT_WEIGHT`` per slice from ``noise_sigma`` (None:
-    estimated from the data).
+    :func:`l1_weight` per slice from ``noise_sigma`` (None: estimated from the data).
     Starts from the zero-filled image; stops when ``||x_k+1 - x_k|| <= tol ||x_k+1||`` or after
     ``iters``. ``random_shift``: cycle spinning, a random circular shift of the image
     (0 .. 2^levels - 1 pixels per axis, drawn from ``seed``) before each wavelet shrinkage, as
@@ -426,11 +452,7 @@ def l1_wavelet(
     op = SenseOperator(maps, mask)
     aty = op.adjoint(kspace)
     scale = data_scale(aty)
-    if lam is None:
-        weight: float | Tensor = L1_NOISE_WEIGHT * pixel_noise(kspace, mask, scale, noise_sigma) ** 2
-        weight = weight + L1_ARTIFACT_WEIGHT
-    else:
-        weight = lam
+    weight = l1_weight(pixel_noise(kspace, mask, scale, noise_sigma)) if lam is None else lam
     aty = aty / scale
     step = 1.0 / max(_max_eig(op.normal, aty) * 1.01, 1e-12)
     # Per-slice thresholds broadcast over the detail bands (slices, 3, h, w).
@@ -439,14 +461,17 @@ def l1_wavelet(
     gen = torch.Generator().manual_seed(seed)
     period = 2**levels
 
-    def prox(v: Tensor) -> Tensor:
+    families = (wavelet,) if isinstance(wavelet, str) else wavelet
+
+    def prox(v: Tensor, it: int) -> Tensor:
         # Cycle spinning (see docstring); the generator lives on the CPU whatever the device.
         shift = (
             tuple(int(s) for s in torch.randint(0, period, (2,), generator=gen)) if random_shift else (0, 0)
         )
+        family = families[it % len(families)]
         v = torch.roll(v, shifts=shift, dims=(-2, -1))
-        a, details = wavelet_forward(v, wavelet=wavelet, levels=levels)
-        out = wavelet_inverse(a, [soft_threshold(d, threshold) for d in details], wavelet=wavelet)
+        a, details = wavelet_forward(v, wavelet=family, levels=levels)
+        out = wavelet_inverse(a, [soft_threshold(d, threshold) for d in details], wavelet=family)
         return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(-2, -1))
 
     # Pixels where every coil map is zero (ESPIRiT crop) are in the null space of A: keep them at
@@ -456,7 +481,7 @@ def l1_wavelet(
     z = x
     t = 1.0
     for it in range(iters):
-        x_new = prox(z - step * (op.normal(z) - aty)) * support
+        x_new = prox(z - step * (op.normal(z) - aty), it) * support
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = x_new + ((t - 1.0) / t_new) * (x_new - x)
         change = float(torch.linalg.vector_norm(x_new - x) / torch.linalg.vector_norm(x_new).clamp_min(1e-30))
