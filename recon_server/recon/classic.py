@@ -15,11 +15,12 @@ standard deviation of one complex k-space sample (1 after prewhitening with a no
 of the normalised zero-filled image is ``sigma_zf = sigma / s * sqrt(f)`` (``f`` the sampled
 fraction of k-space, unit-energy coil maps). CG-SENSE uses ``lam = CG_NOISE_WEIGHT * sigma_zf^2``
 (a Wiener-like ratio of noise to signal power, the signal's being fixed by the normalisation),
-L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 / (1 + sigma_zf / L1_NOISE_KNEE) +
-L1_ARTIFACT_WEIGHT`` (a BayesShrink-like threshold, noise variance over a signal scale that the
+L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 / (1 + sigma_zf / L1_NOISE_KNEE)`` plus a floor
+(:func:`l1_weight`: a BayesShrink-like threshold, noise variance over a signal scale that the
 normalisation fixes, turning into a universal-threshold-like ``sigma_zf`` law once the noise
-rivals the signal, plus a floor for the undersampling artefacts that remain without noise).
-Both constants were fitted once on Colin27 slices across SNR, R and coils; an explicit ``lam``
+rivals the signal, plus a floor for the undersampling artefacts that remain without noise, larger
+the more of k-space is sampled).
+The constants were fitted on Colin27 and simulator slices across noise level and R; an explicit ``lam``
 overrides the rule. Iterations stop when the relative residual (CG) or the relative change of
 the iterate (FISTA) falls below ``tol``, at most ``iters``.
 """
@@ -43,8 +44,10 @@ __all__ = [
     "CG_NOISE_WEIGHT",
     "CG_SENSE_ITERS",
     "L1_ARTIFACT_WEIGHT",
+    "L1_ARTIFACT_EXPONENT",
     "L1_NOISE_KNEE",
     "L1_NOISE_WEIGHT",
+    "L1_REFERENCE_FRACTION",
     "L1_WAVELETS",
     "L1_WAVELET_ITERS",
     "WAVELETS",
@@ -66,10 +69,14 @@ __all__ = [
 
 # The weight rule (module docstring; fitted with benchmarks/bench_regularisation.py, docs/recon.md).
 CG_NOISE_WEIGHT = 90.0
-L1_NOISE_WEIGHT = 16.0
-L1_ARTIFACT_WEIGHT = 1e-3
+L1_NOISE_WEIGHT = 24.0
 # sigma_zf where L1's threshold turns from BayesShrink's sigma^2 to the universal threshold's sigma.
-L1_NOISE_KNEE = 0.2
+L1_NOISE_KNEE = 0.1
+# The floor for the artefacts that remain without noise, at the sampled fraction
+# L1_REFERENCE_FRACTION (R 4 + 24 calibration lines of 256), growing as the fraction ^ exponent.
+L1_ARTIFACT_WEIGHT = 5e-4
+L1_REFERENCE_FRACTION = 0.32
+L1_ARTIFACT_EXPONENT = 2.5
 # Wavelet families taken in turn by the shrinkage (``l1_wavelet``): Haar keeps edges, db4 smooth
 # anatomy; alternating them approximates the sum of both l1 norms (docs/recon.md).
 L1_WAVELETS = ("haar", "db4")
@@ -155,10 +162,11 @@ def cg_weight(sigma_zf: Tensor) -> Tensor:
     return CG_NOISE_WEIGHT * sigma_zf**2
 
 
-def l1_weight(sigma_zf: Tensor) -> Tensor:
-    """L1-wavelet's weight from the zero-filled pixel noise: ``c sigma^2 / (1 + sigma / knee)``
-    plus the artefact floor (docs/recon.md, "The weight rule")."""
-    return L1_NOISE_WEIGHT * sigma_zf**2 / (1.0 + sigma_zf / L1_NOISE_KNEE) + L1_ARTIFACT_WEIGHT
+def l1_weight(sigma_zf: Tensor, fraction: Tensor) -> Tensor:
+    """L1-wavelet's weight from the zero-filled pixel noise and the sampled fraction ``f``:
+    ``c sigma^2 / (1 + sigma / knee) + floor (f / f_ref)^p`` (docs/recon.md, "The weight rule")."""
+    noise_term = L1_NOISE_WEIGHT * sigma_zf**2 / (1.0 + sigma_zf / L1_NOISE_KNEE)
+    return noise_term + L1_ARTIFACT_WEIGHT * (fraction / L1_REFERENCE_FRACTION) ** L1_ARTIFACT_EXPONENT
 
 
 # --------------------------------------------------------------------------- CG
@@ -452,7 +460,11 @@ def l1_wavelet(
     op = SenseOperator(maps, mask)
     aty = op.adjoint(kspace)
     scale = data_scale(aty)
-    weight = l1_weight(pixel_noise(kspace, mask, scale, noise_sigma)) if lam is None else lam
+    if lam is None:
+        sigma_zf = pixel_noise(kspace, mask, scale, noise_sigma)
+        weight: float | Tensor = l1_weight(sigma_zf, sampled_fraction(kspace, mask))
+    else:
+        weight = lam
     aty = aty / scale
     step = 1.0 / max(_max_eig(op.normal, aty) * 1.01, 1e-12)
     # Per-slice thresholds broadcast over the detail bands (slices, 3, h, w).
