@@ -33,7 +33,7 @@ from recon_server.dpm.checkpoint import load_checkpoint
 from recon_server.dpm.edm import SIGMA_DATA
 from recon_server.dpm.unet import normalise_contrast
 from recon_server.machine import describe as describe_machine
-from recon_server.recon.classic import soft_threshold, wavelet_forward, wavelet_inverse
+from recon_server.recon.wavelets import soft_threshold, wavelet_forward, wavelet_inverse
 from recon_server.training.trainset import Subset, open_training_set
 from recon_server.training.validation import VAL_SIGMAS, validate
 

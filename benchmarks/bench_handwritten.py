@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_handwritten.py
     .venv/bin/python benchmarks/bench_handwritten.py --repeats 31 --records 20000
 
-1. Wavelets: ``recon.classic.wavelet_forward`` / ``wavelet_inverse`` (orthogonal periodic DWT in
+1. Wavelets: ``recon.wavelets.wavelet_forward`` / ``wavelet_inverse`` (orthogonal periodic DWT in
    torch, batched, complex) against PyWavelets (``wavedec2``/``waverec2``,
    ``mode="periodization"``, on the tensor's NumPy view) and ptwt (``wavedec2``/``waverec2``
    ``mode="periodic"``, and ``MatrixWavedec2``/``MatrixWaverec2`` with orthogonalised boundary
@@ -49,7 +49,8 @@ from torch import Tensor
 
 from recon_server.machine import describe as describe_machine
 from recon_server.ops.logs import UNSAFE, JsonFormatter
-from recon_server.recon.classic import (
+from recon_server.recon.sense import SenseOperator
+from recon_server.recon.wavelets import (
     WAVELETS,
     _levels,
     conv_wavelet_forward,
@@ -57,7 +58,6 @@ from recon_server.recon.classic import (
     wavelet_forward,
     wavelet_inverse,
 )
-from recon_server.recon.sense import SenseOperator
 
 
 def version(dist: str) -> str:
@@ -149,7 +149,7 @@ def wavelet_peers(wavelet: str, levels: int, like: Tensor) -> tuple[list[Wavelet
             "yes (torch)",
         ),
         WaveletPeer(
-            "`recon.classic.wavelet_forward` on the CPU (PyWavelets inside)",
+            "`recon.wavelets.wavelet_forward` on the CPU (PyWavelets inside)",
             lambda x: wavelet_forward(x, wavelet=wavelet, levels=levels),
             lambda c: wavelet_inverse(c[0], c[1], wavelet=wavelet),
             lambda c: [c[0], *c[1]],

@@ -10,21 +10,17 @@ import pywt
 import sigpy.mri.app as app
 import torch
 
-from recon_server.recon import classic
-from recon_server.recon.classic import (
-    WAVELETS,
-    cg_sense,
-    conjugate_gradient,
-    conv_wavelet_forward,
-    conv_wavelet_inverse,
-    l1_wavelet,
-    rss,
-    wavelet_forward,
-    wavelet_inverse,
-    zero_filled,
-)
+from recon_server.recon import wavelets
+from recon_server.recon.classic import cg_sense, conjugate_gradient, l1_wavelet, rss, zero_filled
 from recon_server.recon.masks import equispaced_mask, mask_2d
 from recon_server.recon.sense import SenseOperator
+from recon_server.recon.wavelets import (
+    WAVELETS,
+    conv_wavelet_forward,
+    conv_wavelet_inverse,
+    wavelet_forward,
+    wavelet_inverse,
+)
 
 
 def _nrmse(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -164,7 +160,7 @@ def test_cpu_and_device_wavelets_agree(name: str, dtype: torch.dtype) -> None:
     coefficients and the same inverse, dtype kept; odd sizes stop the levels alike."""
     for shape in ((2, 3, 64, 96), (1, 40, 36)):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
-        levels = classic._levels(shape[-2:], 4, len(WAVELETS[name]))
+        levels = wavelets._levels(shape[-2:], 4, len(WAVELETS[name]))
         approx, details = wavelet_forward(x, wavelet=name, levels=4)
         conv_approx, conv_details = conv_wavelet_forward(x, name, levels)
         tol = 1e-5 if dtype in (torch.float32, torch.complex64) else 1e-12
