@@ -241,6 +241,16 @@ def _max_eig(normal: Callable[[Tensor], Tensor], like: Tensor, *, iters: int = 1
     return eig
 
 
+def _shifted_shrinkage(
+    v: Tensor, family: str, levels: int, shift: tuple[int, ...], threshold: float | Tensor
+) -> Tensor:
+    """Soft-threshold the detail bands of ``v`` circularly shifted by ``shift``, shifted back."""
+    v = torch.roll(v, shifts=shift, dims=(-2, -1))
+    a, details = wavelet_forward(v, wavelet=family, levels=levels)
+    out = wavelet_inverse(a, [soft_threshold(d, threshold) for d in details], wavelet=family)
+    return torch.roll(out, shifts=tuple(-s for s in shift), dims=(-2, -1))
+
+
 # --------------------------------------------------------------------------- L1-wavelet
 
 
@@ -278,6 +288,9 @@ def l1_wavelet(
     _check_inputs(kspace, maps)
     if lam is not None and lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    families = (wavelet,) if isinstance(wavelet, str) else tuple(wavelet)
+    if not families:
+        raise ValueError("wavelet: need at least one family, got an empty tuple")
     op = SenseOperator(maps, mask)
     aty = op.adjoint(kspace)
     scale = data_scale(aty)
@@ -294,18 +307,12 @@ def l1_wavelet(
     gen = torch.Generator().manual_seed(seed)
     period = 2**levels
 
-    families = (wavelet,) if isinstance(wavelet, str) else wavelet
-
     def prox(v: Tensor, it: int) -> Tensor:
         # Cycle spinning (see docstring); the generator lives on the CPU whatever the device.
         shift = (
             tuple(int(s) for s in torch.randint(0, period, (2,), generator=gen)) if random_shift else (0, 0)
         )
-        family = families[it % len(families)]
-        v = torch.roll(v, shifts=shift, dims=(-2, -1))
-        a, details = wavelet_forward(v, wavelet=family, levels=levels)
-        out = wavelet_inverse(a, [soft_threshold(d, threshold) for d in details], wavelet=family)
-        return torch.roll(out, shifts=(-shift[0], -shift[1]), dims=(-2, -1))
+        return _shifted_shrinkage(v, families[it % len(families)], levels, shift, threshold)
 
     # Pixels where every coil map is zero (ESPIRiT crop) are in the null space of A: keep them at
     # zero, or the shifted shrinkage slowly leaks energy into them.

@@ -210,6 +210,10 @@ def test_bad_input(case64) -> None:
         cg_sense(case64.full.real, case64.maps, mask)
     with pytest.raises(ValueError, match="unknown wavelet"):
         l1_wavelet(case64.full, case64.maps, mask, wavelet="sym99")
+    with pytest.raises(ValueError, match="unknown wavelet"):
+        l1_wavelet(case64.full, case64.maps, mask, wavelet=("haar", "sym99"))
+    with pytest.raises(ValueError, match="at least one family"):
+        l1_wavelet(case64.full, case64.maps, mask, wavelet=())
     with pytest.raises(ValueError, match="lam must be"):
         cg_sense(case64.full, case64.maps, mask, lam=-1.0)
 
