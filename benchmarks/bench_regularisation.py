@@ -145,6 +145,18 @@ def acquire(
     return k * torch.from_numpy(mask), torch.from_numpy(mask), truth
 
 
+def row_rng(noise: float, accel: int, coils: int) -> np.random.Generator:
+    """The generator of one row's phases and noise (the BART cache's keys rely on it)."""
+    return np.random.default_rng(int(1000 * noise) + 10 * accel + coils)
+
+
+def our_maps(k: torch.Tensor) -> torch.Tensor:
+    """Our ESPIRiT maps from the central ``ACS_LINES`` rows."""
+    n = k.shape[-2]
+    acs = (n // 2 - ACS_LINES // 2, n // 2 + ACS_LINES // 2)
+    return espirit_maps(calibration_region(k, acs), (k.shape[-2], k.shape[-1]))
+
+
 # --------------------------------------------------------------------------- BART
 
 
@@ -200,7 +212,7 @@ def run_row(
     cache: dict[str, float],
     bart_only: bool = False,
 ) -> dict[str, object]:
-    rng = np.random.default_rng(int(1000 * noise) + 10 * accel + coils)
+    rng = row_rng(noise, accel, coils)
     ours: dict[str, list[float]] = {
         k: [] for k in ("cg", "cg_best", "l1", "l1_best", "t_cg", "t_l1", "t_bart")
     }
@@ -236,8 +248,7 @@ def run_row(
             ours["t_bart"].append(found["time"])
         if bart_only:
             continue
-        acs = (k.shape[-2] // 2 - ACS_LINES // 2, k.shape[-2] // 2 + ACS_LINES // 2)
-        maps = espirit_maps(calibration_region(k, acs), (k.shape[-2], k.shape[-1]))
+        maps = our_maps(k)
         t0 = time.perf_counter()
         ours["cg"].append(error(cg_sense(k, maps, mask)[0]))
         ours["t_cg"].append(time.perf_counter() - t0)
@@ -271,11 +282,9 @@ def rule_sweep(sets: dict[str, np.ndarray], noises: list[float], accels: list[in
     for name, slices in sets.items():
         for noise in noises:
             for accel in accels:
-                rng = np.random.default_rng(int(1000 * noise) + 10 * accel + coils)
-                k, mask, truth = acquire(slices[0], coils, noise, accel, rng)
+                k, mask, truth = acquire(slices[0], coils, noise, accel, row_rng(noise, accel, coils))
                 ref, head = np.abs(truth), slices[0] > 0.05
-                acs = (k.shape[-2] // 2 - ACS_LINES // 2, k.shape[-2] // 2 + ACS_LINES // 2)
-                maps = espirit_maps(calibration_region(k, acs), (k.shape[-2], k.shape[-1]))
+                maps = our_maps(k)
                 sigma_zf = pixel_noise(k, mask, data_scale(SenseOperator(maps, mask).adjoint(k)), None)
                 rules = (
                     ("cg-sense", cg_sense, float(cg_weight(sigma_zf))),
