@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_regularisation.py --rule-sweep    # how the constants were fitted
 
 ``--rule-sweep``: the first slice of each set, NRMSE at the rule's weight times 2^(k/2),
-k = -2..3, for CG-SENSE and L1-wavelet (``classic.cg_weight``, ``classic.l1_weight``): the data
+k = -2..3, for CG-SENSE and L1-wavelet (``classic.cg_penalty``, ``classic.l1_weight``): the data
 the rule's constants were fitted on (the L1 constants minimise the worst and the mean ratio of the
 rule's error to the best of the row).
 
@@ -23,7 +23,9 @@ typical scanner's: SNR 40 in the coil-combined image), an equispaced mask of rat
 central lines, no noise scan. Coil maps: ours (ESPIRiT) for our solvers, BART ``ecalib -m1 -r24``
 for BART's. Metric: scale-fitted NRMSE of the magnitude inside the head. Columns: ours with the
 weight rule (no tuning), ours at the best weight of a sweep per slice (``x best``: the rule's
-ratio to it), BART ``pics -S -R Q:r`` / ``-R W:3:0:l`` at the best weight of a sweep over the
+ratio to it; CG-SENSE's Wiener penalty scaled by 2^-3 .. 2^2, L1-wavelet's fixed weights), our
+CG-SENSE with a plain Tikhonov penalty at the best weight of a sweep (``identity best``: what the
+Wiener penalty gains), BART ``pics -S -R Q:r`` / ``-R W:3:0:l`` at the best weight of a sweep over the
 set's slices (an oracle), and seconds per slice. Prints the command and the machine.
 """
 
@@ -53,7 +55,8 @@ from recon_server.research.quality import nrmse
 COLIN_BETTER = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 TYPICAL_SNR = 40.0
 ACS_LINES = 24
-CG_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+CG_SCALE_SWEEP = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+CG_IDENTITY_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 L1_SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 BART_L2_SWEEP = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 BART_W_SWEEP = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2, 1e-1)
@@ -215,7 +218,7 @@ def run_row(
 ) -> dict[str, object]:
     rng = row_rng(noise, accel, coils)
     ours: dict[str, list[float]] = {
-        k: [] for k in ("cg", "cg_best", "l1", "l1_best", "t_cg", "t_l1", "t_bart")
+        k: [] for k in ("cg", "cg_best", "cg_identity", "l1", "l1_best", "t_cg", "t_l1", "t_bart")
     }
     bart_l2: dict[float, list[float]] = {r: [] for r in BART_L2_SWEEP}
     bart_w: dict[float, list[float]] = {r: [] for r in BART_W_SWEEP}
@@ -256,7 +259,10 @@ def run_row(
         t0 = time.perf_counter()
         ours["l1"].append(error(l1_wavelet(k, maps, mask)[0]))
         ours["t_l1"].append(time.perf_counter() - t0)
-        ours["cg_best"].append(min(error(cg_sense(k, maps, mask, lam=lam)[0]) for lam in CG_SWEEP))
+        ours["cg_best"].append(min(error(cg_sense(k, maps, mask, weight_scale=w)[0]) for w in CG_SCALE_SWEEP))
+        ours["cg_identity"].append(
+            min(error(cg_sense(k, maps, mask, lam=lam)[0]) for lam in CG_IDENTITY_SWEEP)
+        )
         ours["l1_best"].append(min(error(l1_wavelet(k, maps, mask, lam=lam)[0]) for lam in L1_SWEEP))
     row: dict[str, object] = {key: float(np.mean(v)) if v else float("nan") for key, v in ours.items()}
     pairs = {"cg_ratio": ("cg", "cg_best"), "l1_ratio": ("l1", "l1_best")}
@@ -274,7 +280,7 @@ def run_row(
 def rule_sweep(sets: dict[str, np.ndarray], noises: list[float], accels: list[int], coils: int) -> None:
     """NRMSE at the weight rule x 2^(k/2) per slice (module docstring): the data the constants
     were fitted on."""
-    from recon_server.recon.classic import cg_weight, data_scale, l1_weight, pixel_noise, sampled_fraction
+    from recon_server.recon.classic import data_scale, l1_weight, pixel_noise, sampled_fraction
     from recon_server.recon.sense import SenseOperator
 
     steps = [k / 2 for k in range(-2, 4)]
@@ -287,20 +293,16 @@ def rule_sweep(sets: dict[str, np.ndarray], noises: list[float], accels: list[in
                 ref, head = np.abs(truth), slices[0] > 0.05
                 maps = our_maps(k)
                 sigma_zf = pixel_noise(k, mask, data_scale(SenseOperator(maps, mask).adjoint(k)), None)
-                rules = (
-                    ("cg-sense", cg_sense, float(cg_weight(sigma_zf))),
-                    ("l1-wavelet", l1_wavelet, float(l1_weight(sigma_zf, sampled_fraction(k, mask)))),
-                )
-                for solver_name, solver, lam in rules:
-                    errors = [
-                        nrmse(
-                            np.abs(solver(k, maps, mask, lam=lam * 2.0**step)[0].numpy()),
-                            ref,
-                            mask=head,
-                            fit_scale=True,
+                l1_lam = float(l1_weight(sigma_zf, sampled_fraction(k, mask)))
+                for solver_name in ("cg-sense", "l1-wavelet"):
+                    errors = []
+                    for step in steps:
+                        image = (
+                            cg_sense(k, maps, mask, weight_scale=2.0**step)
+                            if solver_name == "cg-sense"
+                            else l1_wavelet(k, maps, mask, lam=l1_lam * 2.0**step)
                         )
-                        for step in steps
-                    ]
+                        errors.append(nrmse(np.abs(image[0].numpy()), ref, mask=head, fit_scale=True))
                     cells = " | ".join(f"{e:.4f}" for e in errors)
                     print(
                         f"| {solver_name} | {name} | {noise:g}x | {accel} | {cells} | "
@@ -342,15 +344,17 @@ def main() -> None:
         json.loads(args.bart_cache.read_text()) if args.bart_cache and args.bart_cache.exists() else {}
     )
     print(
-        "| set | coils | noise | R | cg-sense auto | (x best) | BART l2 best (r) | l1-wavelet auto "
-        "| (x best) | BART W best (lambda) | s/slice cg / l1 / BART W |"
+        "| set | coils | noise | R | cg-sense auto | (x best) | identity best | BART l2 best (r) "
+        "| l1-wavelet auto | (x best) | BART W best (lambda) | s/slice cg / l1 / BART W |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict[str, object]] = []
     for name, slices in sets.items():
         for coils in args.coils:
             for noise in args.noise:
                 for accel in args.accels:
                     r = run_row(name, slices, coils, noise, accel, bart, cache, args.bart_only)
+                    rows.append(r)
                     if args.bart_cache:
                         args.bart_cache.write_text(json.dumps(cache, indent=0, sort_keys=True))
                     bart_cells = (
@@ -363,12 +367,34 @@ def main() -> None:
                     )
                     print(
                         f"| {name} | {coils} | {noise:g}x | {accel} | {r['cg']:.4f} | {r['cg_ratio']:.2f} | "
+                        f"{r['cg_identity']:.4f} | "
                         + bart_cells[0]
                         + f"{r['l1']:.4f} | {r['l1_ratio']:.2f} | "
                         + bart_cells[1]
                         + f"{r['t_cg']:.2f} / {r['t_l1']:.2f} / {r['t_bart']:.2f} |",
                         flush=True,
                     )
+    if bart and not args.bart_only:
+        summarise(rows)
+
+
+def summarise(rows: list[dict[str, object]]) -> None:
+    """The issue's targets over the printed rows: ours <= BART's oracle, within 1.15x of our own
+    best weight, and the time per slice against BART's."""
+
+    def values(key: str) -> np.ndarray:
+        return np.array([float(r[key]) for r in rows])  # type: ignore[arg-type]
+
+    print(f"\nover {len(rows)} rows:")
+    for solver, bart_key, bart_name in (("cg", "bart_l2", "pics -l2"), ("l1", "bart_w", "pics -R W")):
+        ratio = values(solver) / values(bart_key)
+        within = int((values(f"{solver}_ratio") <= 1.15).sum())
+        time_ratio = np.median(values(f"t_{solver}") / values("t_bart"))
+        print(
+            f"- {solver}: <= BART {bart_name} at its best weight on {int((ratio <= 1).sum())} "
+            f"(ours / BART {ratio.min():.2f}-{ratio.max():.2f}); within 1.15x of our own best weight "
+            f"on {within}; time per slice ours / BART pics -R W (median) {time_ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Classical reconstructions: zero-filled, CG-SENSE (Tikhonov), L1-wavelet compressed sensing.
+"""Classical reconstructions: zero-filled, CG-SENSE (Wiener or Tikhonov), L1-wavelet compressed sensing.
 
 All take k-space ``(slices, coils, ky, kx)`` (zeros where not acquired), coil maps of the same
 shape and a mask (see :class:`recon_server.recon.sense.SenseOperator`), and return complex
@@ -11,11 +11,14 @@ percentile is 1.
 
 Regularisation from the noise level (docs/recon.md, "The weight rule"): with ``sigma`` the noise
 standard deviation of one complex k-space sample (1 after prewhitening with a noise scan, else
-:func:`recon_server.recon.noise.noise_level` from the k-space periphery), the noise of one pixel
+:func:`recon_server.recon.noise.noise_level` from the data), the noise of one pixel
 of the normalised zero-filled image is ``sigma_zf = sigma / s * sqrt(f)`` (``f`` the sampled
-fraction of k-space, unit-energy coil maps). CG-SENSE uses ``lam = CG_NOISE_WEIGHT * sigma_zf^2``
-(a Wiener-like ratio of noise to signal power, the signal's being fixed by the normalisation),
-L1-wavelet ``lam = L1_NOISE_WEIGHT * sigma_zf^2 / (1 + sigma_zf / L1_NOISE_KNEE)`` plus a floor
+fraction of k-space, unit-energy coil maps). CG-SENSE's penalty is a Wiener filter,
+``lam(k) = c sigma^2 / P(k)`` on the image's spatial frequencies (:func:`cg_penalty`), ``P`` the
+image's power spectrum estimated from the measured k-space (:mod:`recon_server.recon.spectrum`):
+the noise-to-signal power ratio of each frequency, strong where the image has little power and
+weak where it has much. L1-wavelet
+``lam = L1_NOISE_WEIGHT * sigma_zf^2 / (1 + sigma_zf / L1_NOISE_KNEE)`` plus a floor
 (:func:`l1_weight`: a BayesShrink-like threshold, noise variance over a signal scale that the
 normalisation fixes, turning into a universal-threshold-like ``sigma_zf`` law once the noise
 rivals the signal, plus a floor for the undersampling artefacts that remain without noise, larger
@@ -34,14 +37,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon_server.recon.fft import ifft2c
+from recon_server.recon.fft import fft2c, ifft2c
 from recon_server.recon.noise import noise_level
 from recon_server.recon.sense import SenseOperator, as_mask
+from recon_server.recon.spectrum import signal_spectrum
 from recon_server.recon.wavelets import soft_threshold, wavelet_forward, wavelet_inverse
 
 __all__ = [
-    "CG_NOISE_WEIGHT",
     "CG_SENSE_ITERS",
+    "CG_WIENER_KNEE",
+    "CG_WIENER_WEIGHT",
     "L1_ARTIFACT_WEIGHT",
     "L1_ARTIFACT_EXPONENT",
     "L1_NOISE_KNEE",
@@ -50,7 +55,7 @@ __all__ = [
     "L1_WAVELETS",
     "L1_WAVELET_ITERS",
     "cg_sense",
-    "cg_weight",
+    "cg_penalty",
     "conjugate_gradient",
     "data_scale",
     "l1_wavelet",
@@ -62,15 +67,19 @@ __all__ = [
 ]
 
 # The weight rule (module docstring; fitted with benchmarks/bench_regularisation.py, docs/recon.md).
-CG_NOISE_WEIGHT = 90.0
+# Scales the Wiener penalty sigma^2 / P(k): CG_WIENER_WEIGHT (1 + sigma_zf / CG_WIENER_KNEE).
+# 1 would be the MMSE filter of a stationary Gaussian image; the images are not, and the best
+# scale measured 0.25-0.5 at low noise, approaching 1 as the noise rivals the signal.
+CG_WIENER_WEIGHT = 0.3
+CG_WIENER_KNEE = 0.1
 L1_NOISE_WEIGHT = 24.0
 # sigma_zf where L1's threshold turns from BayesShrink's sigma^2 to the universal threshold's sigma.
 L1_NOISE_KNEE = 0.1
 # The floor for the artefacts that remain without noise, at the sampled fraction
 # L1_REFERENCE_FRACTION (R 4 + 24 calibration lines of 256), growing as the fraction ^ exponent.
-L1_ARTIFACT_WEIGHT = 5e-4
+L1_ARTIFACT_WEIGHT = 1e-3
 L1_REFERENCE_FRACTION = 0.32
-L1_ARTIFACT_EXPONENT = 2.5
+L1_ARTIFACT_EXPONENT = 2.0
 # Wavelet families taken in turn by the shrinkage (``l1_wavelet``): Haar keeps edges, db4 smooth
 # anatomy; alternating them approximates the sum of both l1 norms (docs/recon.md).
 L1_WAVELETS = ("haar", "db4")
@@ -123,9 +132,14 @@ def pixel_noise(
 ) -> Tensor:
     """``sigma_zf`` per slice ``(slices, 1, 1)``: the noise of one pixel of the zero-filled image
     divided by ``scale`` (module docstring). ``noise_sigma`` None: estimated from the data."""
-    sigma = noise_level(kspace, mask) if noise_sigma is None else torch.as_tensor(noise_sigma)
-    sigma = sigma.to(device=kspace.device, dtype=torch.float32).reshape(-1, 1, 1)
+    sigma = _noise_sigma(kspace, mask, noise_sigma).reshape(-1, 1, 1)
     return sigma / scale.to(torch.float32) * sampled_fraction(kspace, mask).sqrt()
+
+
+def _noise_sigma(kspace: Tensor, mask: Tensor | np.ndarray, noise_sigma: float | Tensor | None) -> Tensor:
+    """The noise of one k-space sample per slice ``(slices,)``: given, or estimated from the data."""
+    sigma = noise_level(kspace, mask) if noise_sigma is None else torch.as_tensor(noise_sigma)
+    return sigma.to(device=kspace.device, dtype=torch.float32).flatten().expand(kspace.shape[0])
 
 
 def sampled_fraction(kspace: Tensor, mask: Tensor | np.ndarray) -> Tensor:
@@ -134,9 +148,15 @@ def sampled_fraction(kspace: Tensor, mask: Tensor | np.ndarray) -> Tensor:
     return as_mask(mask, s, ky, kx, device=kspace.device).mean(dim=(-3, -2, -1)).reshape(-1, 1, 1)
 
 
-def cg_weight(sigma_zf: Tensor) -> Tensor:
-    """CG-SENSE's Tikhonov weight from the zero-filled pixel noise (docs/recon.md, "The weight rule")."""
-    return CG_NOISE_WEIGHT * sigma_zf**2
+def cg_penalty(
+    kspace: Tensor, mask: Tensor | np.ndarray, scale: Tensor, noise_sigma: float | Tensor | None
+) -> Tensor:
+    """CG-SENSE's Wiener penalty ``(slices, ky, kx)`` on the image's spatial frequencies:
+    ``c sigma^2 / P(k)`` with ``c = CG_WIENER_WEIGHT (1 + sigma_zf / CG_WIENER_KNEE)``
+    (dimensionless; ``scale`` as for :func:`pixel_noise`; docs/recon.md, "The weight rule")."""
+    sigma = _noise_sigma(kspace, mask, noise_sigma)
+    weight = CG_WIENER_WEIGHT * (1.0 + pixel_noise(kspace, mask, scale, sigma) / CG_WIENER_KNEE)
+    return weight * sigma.reshape(-1, 1, 1) ** 2 / signal_spectrum(kspace, mask, sigma)
 
 
 def l1_weight(sigma_zf: Tensor, fraction: Tensor) -> Tensor:
@@ -164,7 +184,8 @@ def conjugate_gradient(
     ``normal_op(x)`` applies ``N``; ``rhs`` is ``b``. ``dims``: the axes an inner product sums
     over; the remaining (leading) axes hold independent systems with their own step sizes
     (e.g. ``dims=(-2, -1)`` for one system per slice); None sums over everything (one system).
-    Stops after ``iters`` iterations or when every system has ``||r|| <= tol ||b||``.
+    Stops after ``iters`` iterations or when every system has ``||r|| <= tol ||b||``; a system
+    that gets there first stays at that iterate (so a slice's result does not depend on its batch).
     ``callback(iteration, x, residual_norm)`` is called after each iteration.
     """
     red = tuple(range(rhs.ndim)) if dims is None else tuple(d % rhs.ndim for d in dims)
@@ -178,16 +199,19 @@ def conjugate_gradient(
     rr = dot(r, r)
     stop = (tol**2) * dot(rhs, rhs)
     for it in range(iters):
-        if bool((rr <= stop).all()):
+        active = rr > stop  # a system that has converged stays where it stopped
+        if not bool(active.any()):
             break
         ap = normal_op(p)
         pap = dot(p, ap)
-        alpha = torch.where(pap > 0, rr / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(pap))
+        alpha = torch.where(
+            active & (pap > 0), rr / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(pap)
+        )
         x = x + alpha * p
         r = r - alpha * ap
         rr_new = dot(r, r)
         beta = torch.where(rr > 0, rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), torch.zeros_like(rr))
-        p = r + beta * p
+        p = torch.where(active, r + beta * p, p)
         rr = rr_new
         if callback is not None:
             callback(it, x, rr.sqrt())
@@ -201,31 +225,45 @@ def cg_sense(
     *,
     lam: float | None = None,
     noise_sigma: float | Tensor | None = None,
+    weight_scale: float = 1.0,
     iters: int = CG_SENSE_ITERS,
     tol: float = 1e-4,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
-    """CG-SENSE: ``argmin_x ||A x - y||^2 + lam ||x||^2`` via CG on ``(A^H A + lam I) x = A^H y``.
+    """CG-SENSE: ``argmin_x ||A x - y||^2 + ||L x||^2`` via CG on ``(A^H A + L^H L) x = A^H y``.
 
-    ``A = M F S`` (:class:`SenseOperator`). ``lam`` refers to the per-slice normalised data (module
-    docstring); None: the weight rule ``CG_NOISE_WEIGHT * sigma_zf^2`` per slice from
-    ``noise_sigma`` (the noise of one k-space sample; None: estimated from the data). With
-    unit-norm coil maps ``A^H A`` has eigenvalues in ``[0, 1]``. One CG system per slice, stopped
-    at ``||r|| <= tol ||b||`` or ``iters``. ``callback(iteration, x)`` sees each iterate (in data
-    units). Returns complex ``(slices, ky, kx)``.
+    ``A = M F S`` (:class:`SenseOperator`). ``lam`` given: Tikhonov, ``L^H L = lam I`` (as sigpy
+    ``SenseRecon`` and BART ``pics -l2``; ``lam`` refers to the per-slice normalised data, module
+    docstring). None: the Wiener penalty ``L^H L = F^H diag(lam(k)) F`` of :func:`cg_penalty` per
+    slice, from ``noise_sigma`` (the noise of one k-space sample; None: estimated from the data).
+    ``weight_scale`` multiplies either (for sweeps). With unit-norm coil maps ``A^H A`` has
+    eigenvalues in ``[0, 1]``. One CG system per slice, stopped at ``||r|| <= tol ||b||`` or
+    ``iters``. ``callback(iteration, x)`` sees each iterate (in data units). Returns complex
+    ``(slices, ky, kx)``.
     """
     _check_inputs(kspace, maps)
     if lam is not None and lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    if not weight_scale >= 0:
+        raise ValueError(f"weight_scale must be >= 0, got {weight_scale}")
     op = SenseOperator(maps, mask)
     rhs = op.adjoint(kspace)
     scale = data_scale(rhs)
-    weight = cg_weight(pixel_noise(kspace, mask, scale, noise_sigma)) if lam is None else lam
     rhs = rhs / scale
+    if lam is None:
+        penalty = weight_scale * cg_penalty(kspace, mask, scale, noise_sigma)
+
+        def normal(v: Tensor) -> Tensor:
+            return op.normal(v) + ifft2c(penalty * fft2c(v))
+
+    else:
+        weight = weight_scale * lam
+
+        def normal(v: Tensor) -> Tensor:
+            return op.normal(v) + weight * v
+
     cb = None if callback is None else (lambda it, v, _res: callback(it, v * scale))
-    x = conjugate_gradient(
-        lambda v: op.normal(v) + weight * v, rhs, iters=iters, tol=tol, dims=(-2, -1), callback=cb
-    )
+    x = conjugate_gradient(normal, rhs, iters=iters, tol=tol, dims=(-2, -1), callback=cb)
     return x * scale
 
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_BATCH = 4
 MEMORY_FRACTION = 0.8
 TRAINING_CENTER_FRACTION = 0.08  # recon.scale.DEFAULT_CENTER_FRACTION, the training scale rule
-WARM_STARTS = {"cg-sense": cg_sense, "l1-wavelet": l1_wavelet}
+WARM_STARTS: dict[str, Callable[..., Tensor]] = {"cg-sense": cg_sense, "l1-wavelet": l1_wavelet}
 
 __all__ = [
     "SamplerSpec",
