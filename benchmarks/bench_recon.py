@@ -84,12 +84,12 @@ def ring_coils(n: int, coils: int) -> np.ndarray:
 def simulate(n: int, coils: int, slices: int, snr: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truth images ``(slices, n, n)`` and fully sampled noisy k-space ``(slices, coils, n, n)``."""
     rng = np.random.default_rng(seed)
-    # complex64, as the service reconstructs (complex128 doubled the cost of our solvers)
+    # complex64 throughout, as the service reconstructs (complex128 doubled our solvers' cost)
     x = torch.from_numpy(head_slices(n, slices, rng).astype(np.complex64))
     maps = torch.from_numpy(ring_coils(n, coils))
     k = fft2c(maps[None] * x[:, None])
     sd = float(np.percentile(np.abs(x.numpy()), 99)) / snr
-    noise = rng.normal(size=(*k.shape, 2)).astype(np.float32) * sd / np.sqrt(2)
+    noise = (rng.normal(size=(*k.shape, 2)) * (sd / np.sqrt(2))).astype(np.float32)
     return x, k + torch.view_as_complex(torch.from_numpy(noise))
 
 
