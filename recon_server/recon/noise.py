@@ -163,10 +163,9 @@ def _background_column_level(kspace: Tensor, m: Tensor) -> Tensor | None:
         full = m[min(i, m.shape[0] - 1)].all(dim=-1)  # (ky,)
         if int(full.sum()) < MIN_FULL_LINES:
             return None
-        lines = kspace[i][:, full, :]
-        hybrid = torch.fft.fftshift(
-            torch.fft.ifft(torch.fft.ifftshift(lines, dim=-1), dim=-1, norm="ortho"), dim=-1
-        )
+        # No centring shifts: they change the phase and the circular order of the columns, and
+        # neither the powers nor the circular smoothing and selection below see either.
+        hybrid = torch.fft.ifft(kspace[i][:, full, :], dim=-1, norm="ortho")
         column_power = hybrid.abs().square()  # (coils, lines, kx)
         profile = column_power.permute(2, 0, 1).reshape(kx, -1).median(dim=1).values
         smooth = torch.stack([torch.roll(profile, shift) for shift in range(-2, 3)]).mean(dim=0)
