@@ -267,8 +267,10 @@ def cg_sense(
 
         # A^H A has eigenvalues in [0, 1] and the penalty is diagonal in Fourier: dividing each
         # frequency by 1 + penalty evens out the penalty's range (half the iterations or fewer).
+        inverse = 1.0 / (1.0 + penalty)
+
         def preconditioner(v: Tensor) -> Tensor:
-            return ifft2c(fft2c(v) / (1.0 + penalty))
+            return ifft2c(fft2c(v) * inverse)
 
     else:
         weight = weight_scale * lam
