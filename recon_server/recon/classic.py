@@ -252,8 +252,8 @@ def cg_sense(
     _check_inputs(kspace, maps)
     if lam is not None and lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    if not weight_scale >= 0:
-        raise ValueError(f"weight_scale must be >= 0, got {weight_scale}")
+    if not (weight_scale >= 0 and math.isfinite(weight_scale)):
+        raise ValueError(f"weight_scale must be finite and >= 0, got {weight_scale}")
     op = SenseOperator(maps, mask)
     rhs = op.adjoint(kspace)
     scale = data_scale(rhs)

@@ -242,6 +242,8 @@ def test_bad_input(case64) -> None:
         cg_sense(case64.full, case64.maps, mask, lam=-1.0)
     with pytest.raises(ValueError, match="weight_scale must be"):
         cg_sense(case64.full, case64.maps, mask, weight_scale=float("nan"))
+    with pytest.raises(ValueError, match="weight_scale must be"):
+        cg_sense(case64.full, case64.maps, mask, weight_scale=float("inf"))
 
 
 def test_sense_operator_with_estimated_scale_is_consistent(r4_case) -> None:
